@@ -1,0 +1,3 @@
+"""rnngen: a recurrent-network lyrics and text generator."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,430 @@
+"""The command line: parses options, calls one library function, writes the product to stdout.
+
+Only this module talks to the terminal. torch is imported inside the commands, so `--help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from rnngen import __version__
+from rnngen.errors import RnngenError
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors as one line on stderr (click's default is a usage block)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            command = exc.ctx.command_path if getattr(exc, "ctx", None) else "rnngen"
+            click.echo(f"Error: {exc.format_message()} (see '{command} --help')", err=True)
+            rv = exc.exit_code
+        except click.Abort:
+            rv = 130
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    help="Train recurrent-network language models on lyrics (or any UTF-8 text) and generate from them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rnngen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    pass
+
+
+def _err(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@contextmanager
+def _errors_to_exit() -> Iterator[None]:
+    """Expected failures become one 'Error: ...' line and a non-zero exit; bugs keep their traceback."""
+    try:
+        yield
+    except RnngenError as exc:
+        _err(f"Error: {exc}")
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _seconds(value: Optional[str]) -> Optional[float]:
+    """'600', '90s', '10m', '1h30m' -> seconds; '0' or 'none' -> no limit."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if text in ("0", "none", "off", "inf"):
+        return 0.0
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != re.sub(r"\s", "", text):
+        raise typer.BadParameter(f"{value!r} is not a duration; use e.g. 600, 90s, 10m or 1h30m", param_hint="--time-limit")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def _set_threads(threads: int) -> None:
+    if threads < 0:
+        raise typer.BadParameter("must be 0 (torch's default) or more", param_hint="--threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    corpus: List[str] = typer.Argument(..., metavar="CORPUS...", help="Text files, directories (their *.txt), or - for stdin."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name: saved to models/NAME. Default: the corpus file's name."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Model directory to write (instead of models/NAME)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in the model directory exactly where it stopped."),
+    force: bool = typer.Option(False, "--force", help="Start over even if the model directory already holds a model."),
+    encoding: str = typer.Option("utf-8", "--encoding", help="Text encoding of the corpus, e.g. gbk, big5, utf-16."),
+    tokenizer: str = typer.Option("char", "--tokenizer", help="char: one Unicode character per token; spm: SentencePiece subwords."),
+    vocab_size: int = typer.Option(4000, "--vocab-size", help="spm only: number of subword pieces."),
+    spm_model_type: str = typer.Option("bpe", "--spm-model-type", help="spm only: bpe or unigram."),
+    rnn_type: str = typer.Option("lstm", "--rnn-type", "--cell", help="Recurrent cell: lstm, gru or rnn (tanh). Always unidirectional: a bidirectional RNN sees the future and cannot generate left to right."),
+    layers: int = typer.Option(2, "--layers", help="Number of stacked recurrent layers."),
+    hidden_size: int = typer.Option(512, "--hidden-size", help="Units per recurrent layer."),
+    embedding_dim: int = typer.Option(128, "--embedding-dim", help="Size of the token embedding."),
+    dropout: float = typer.Option(0.25, "--dropout", help="Dropout between layers and before the output (0 to disable)."),
+    tie_weights: bool = typer.Option(False, "--tie-weights", help="Share the embedding and output matrices (needs --embedding-dim equal to --hidden-size)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Parallel text streams per step."),
+    seq_len: int = typer.Option(128, "--seq-len", help="BPTT window: tokens back-propagated through per step (the state carries on beyond it)."),
+    lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay on weight matrices."),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", help="Steps of linear learning-rate warm-up."),
+    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine (decay over the step/epoch/time budget), plateau (halve when validation stalls) or constant."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the global gradient norm to this."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of songs held out for validation (0 for none)."),
+    eval_every: int = typer.Option(50, "--eval-every", help="Validate (and checkpoint) every N steps."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N validations without improvement (0: never). [default: 6]"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Stop after N passes over the training text."),
+    time_limit: Optional[str] = typer.Option(None, "--time-limit", help="Stop after this much training time: 600, 90s, 10m, 1h; 0 for none. [default: 10m]"),
+    seed: int = typer.Option(1337, "--seed", help="Random seed: the same seed and settings repeat a run."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the CPU has AMX/AVX512-BF16, or on GPU), fp32, bf16 or fp16 (GPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or previews on stderr."),
+) -> None:
+    """Train a model on CORPUS and save it to models/NAME (prints that directory)."""
+    with _errors_to_exit():
+        from rnngen.config import RNN_TYPES, TOKENIZERS, TrainConfig
+
+        _check_choice("--tokenizer", tokenizer, TOKENIZERS)
+        _check_choice("--rnn-type", rnn_type, RNN_TYPES)
+        _check_choice("--spm-model-type", spm_model_type, ("bpe", "unigram"))
+        _check_choice("--lr-schedule", lr_schedule, ("cosine", "plateau", "constant"))
+        for flag, value, low in (("--layers", layers, 1), ("--hidden-size", hidden_size, 1), ("--embedding-dim", embedding_dim, 1),
+                                 ("--batch-size", batch_size, 1), ("--seq-len", seq_len, 1), ("--eval-every", eval_every, 1),
+                                 ("--vocab-size", vocab_size, 8), ("--warmup-steps", warmup_steps, 0)):
+            if value < low:
+                raise typer.BadParameter(f"must be at least {low} (got {value})", param_hint=flag)
+        if not 0 <= dropout < 1:
+            raise typer.BadParameter(f"must be in [0, 1) (got {dropout})", param_hint="--dropout")
+        if not 0 <= val_fraction < 1:
+            raise typer.BadParameter(f"must be in [0, 1) (got {val_fraction})", param_hint="--val-fraction")
+        if lr <= 0 or grad_clip <= 0:
+            raise typer.BadParameter("--lr and --grad-clip must be positive")
+        for flag, value in (("--max-steps", max_steps), ("--epochs", epochs), ("--patience", patience)):
+            if value is not None and value < 0:
+                raise typer.BadParameter(f"must not be negative (got {value})", param_hint=flag)
+        _set_threads(threads)
+
+        from rnngen.data import read_corpus
+        from rnngen.train import train as run_training
+
+        overrides = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "patience": patience,
+                                       "time_limit": _seconds(time_limit)}.items() if v is not None}
+        overrides = {k: (v or None) if k != "patience" else v for k, v in overrides.items()}  # 0 = no limit
+        out_dir = _model_dir(corpus, name, out)
+        _check_out_dir(out_dir, resume, force)
+        text = read_corpus(corpus, encoding)
+        config = TrainConfig(
+            tokenizer=tokenizer, vocab_size=vocab_size, spm_model_type=spm_model_type, batch_size=batch_size,
+            seq_len=seq_len, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
+            grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every, seed=seed, precision=precision,
+        )
+        model_options = {"rnn_type": rnn_type, "num_layers": layers, "hidden_size": hidden_size,
+                         "embedding_dim": embedding_dim, "dropout": dropout, "tie_weights": tie_weights}
+        stop = _StopFlag()
+        with TrainDisplay(enabled=not quiet) as display, stop.installed():
+            result = run_training(text, out_dir, model_options, config, resume=resume, budget_overrides=overrides,
+                                  device=device, on_progress=display.update, should_stop=stop)
+        if result.stop_reason == "interrupted":
+            again = " ".join(["rnngen", "train", *corpus, "--out", str(out_dir), "--resume"])
+            _err(f"Interrupted at step {result.steps}; checkpoint saved. Continue with: {again}")
+            raise typer.Exit(128 + stop.signum)
+        bpc = f", best validation {result.best_val_bpc:.3f} bits/char" if result.best_val_bpc is not None else ""
+        _err(f"Done: {result.stop_reason} after {result.steps} steps{bpc}. Try: rnngen sample --model {out_dir}")
+        typer.echo(str(out_dir))
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=flag)
+
+
+def _model_dir(corpus: list[str], name: Optional[str], out: Optional[Path]) -> Path:
+    if out is not None:
+        return out
+    if name is None:
+        first = corpus[0] if corpus else "-"
+        name = "stdin" if first == "-" else (Path(first).stem or Path(first).resolve().name or "model")
+    if not re.fullmatch(r"[\w.\-]+", name) or name in (".", ".."):
+        raise typer.BadParameter(f"{name!r}: use letters, digits, '.', '_' and '-' (or --out for a path)", param_hint="--name")
+    return Path("models") / name
+
+
+def _check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
+    from rnngen.checkpoint import CONFIG_FILE
+
+    exists = (out_dir / CONFIG_FILE).exists()
+    if resume and not exists:
+        raise RnngenError(f"nothing to resume in {out_dir}; train without --resume first")
+    if exists and not (resume or force):
+        raise RnngenError(
+            f"{out_dir} already holds a model; use --resume to continue it, --force to start over, or --name for a new one"
+        )
+
+
+class _StopFlag:
+    """First Ctrl-C / SIGTERM: finish the step and save. Second: stop at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def __call__(self) -> bool:
+        return self.signum != 0
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        _err("\nStopping after this step and saving a checkpoint (press Ctrl-C again to stop at once)...")
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+class TrainDisplay:
+    """A Rich progress bar on stderr fed by train()'s on_progress events, plus eval lines and previews."""
+
+    def __init__(self, enabled: bool = True):
+        from rich.console import Console
+
+        self.enabled = enabled
+        self.console = Console(stderr=True)
+        self.progress = None
+        self.val_bpc = "-"
+
+    def __enter__(self) -> "TrainDisplay":
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("step {task.fields[step]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("val {task.fields[bpc]} bpc"),
+                TextColumn("{task.fields[cps]} chars/s"), TimeElapsedColumn(), TextColumn("left"),
+                TimeRemainingColumn(), console=self.console,
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task("train", total=1000, step=0, loss="-", bpc="-", cps="-")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def update(self, kind: str, info: dict) -> None:
+        if not self.enabled:
+            return
+        if kind == "info":
+            self.console.print(info["message"], style="dim")
+        elif kind == "start":
+            budget = f"{info['total_steps']} steps" if info["total_steps"] else f"{info['time_limit'] or 0:.0f} s"
+            self.console.print(
+                f"Training {info['directory']}: {info['params']:,} parameters, vocabulary {info['vocab_size']:,}, "
+                f"{info['train_tokens']:,} training tokens, batch {info['batch_size']}x{info['seq_len']}, "
+                f"{info['device']} {info['precision']}, budget {budget}", style="dim", highlight=False)
+        elif kind == "step":
+            self.progress.update(self.task, completed=min(1.0, info["progress"]) * 1000, step=info["step"],
+                                 loss=f"{info['train_loss']:.3f}", cps=f"{info['chars_per_sec']:,.0f}", bpc=self.val_bpc)
+        elif kind == "eval":
+            if "val_bpc" in info:
+                self.val_bpc = f"{info['val_bpc']:.3f}"
+            saved = " (saved)" if info.get("saved") else ""
+            self.console.print(f"step {info['step']}: val {self.val_bpc} bits/char{saved} | {info['preview']!r}",
+                               style="dim", highlight=False, markup=False)
+        elif kind == "done":
+            self.progress.update(self.task, completed=1000)
+
+
+# ---- sample -----------------------------------------------------------------------------------
+
+
+@app.command()
+def sample(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or a name under models/. Default: the most recently trained, else the bundled one."),
+    seed: str = typer.Option("", "--seed", "-s", help="Text to continue (printed first). Default: start a new song."),
+    length: int = typer.Option(200, "--length", "-n", help="Characters to generate after the seed."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="Below 1: safer, above 1: wilder; 0: always the likeliest (greedy)."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample only from the k likeliest tokens (0: no limit)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sample only from the likeliest tokens whose probabilities add up to p (1: no limit)."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Number of samples, generated together in one batch."),
+    random_seed: Optional[int] = typer.Option(None, "--random-seed", help="Seed for the sampler: the same seed gives the same text. Default: random."),
+    stop_at_end: bool = typer.Option(False, "--stop-at-end", help="End a sample when the model ends the song (it may then be shorter than --length)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per sample (text, settings, seeds) instead of plain text."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or auto."),
+    device: str = typer.Option("cpu", "--device", help="cpu (fastest for one stream), auto, cuda or mps."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
+) -> None:
+    """Continue --seed with generated text, streamed to stdout."""
+    with _errors_to_exit():
+        _set_threads(threads)
+        from rnngen.sample import SampleRequest, generate
+        from rnngen.sampler import SamplingSettings
+
+        request = SampleRequest(
+            seed_text=seed, length=length, settings=SamplingSettings(temperature, top_k, top_p),
+            num_samples=num_samples, random_seed=random_seed, stop_at_end=stop_at_end,
+        )
+        if length < 1 or num_samples < 1:
+            request.validate(1 << 30)  # fail before loading the model
+        loaded = _load(model, device)
+        request.validate(loaded.tokenizer.vocab_size)
+        lacking = loaded.tokenizer.missing(seed)
+        if lacking:
+            shown = "".join(sorted(lacking))[:20]
+            _err(f"Warning: the model has never seen {shown!r}; it reads them as unknown")
+        try:
+            _write_samples(generate(loaded, request), request, loaded, as_json)
+        except BrokenPipeError:
+            _quiet_stdout()
+
+
+def _write_samples(pieces, request, loaded, as_json: bool) -> None:
+    out = sys.stdout
+    if request.num_samples == 1 and not as_json:
+        for _, text in pieces:  # stream as tokens are made
+            out.write(text)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        return
+    texts = [""] * request.num_samples
+    for i, text in pieces:
+        texts[i] += text
+    for i, text in enumerate(texts):
+        if as_json:
+            s = request.settings
+            record = {"text": text, "index": i, "seed": request.seed_text, "random_seed": request.random_seed,
+                      "length": request.length, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+                      "model": str(loaded.directory)}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            out.write(("\n" if i else "") + text + "\n")
+    out.flush()
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (`| head`), send further output nowhere so Python exits quietly."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _load(model: Optional[str], device: str):
+    from rnngen.checkpoint import load_model, resolve_model
+    from rnngen.device import pick_device
+
+    dev = pick_device(device)
+    return load_model(resolve_model(model), dev)
+
+
+# ---- evaluate ---------------------------------------------------------------------------------
+
+
+@app.command()
+def evaluate(
+    files: Optional[List[str]] = typer.Argument(None, metavar="[FILE...]", help="Text to score (files, directories, or - for stdin). Default: the model's own validation split."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or a name under models/. Default: the most recently trained, else the bundled one."),
+    encoding: str = typer.Option("utf-8", "--encoding", help="Text encoding of FILE."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    precision: str = typer.Option("fp32", "--precision", help="auto, fp32, bf16 or fp16 (GPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
+) -> None:
+    """Report held-out loss (nats/token), perplexity and bits per character."""
+    with _errors_to_exit():
+        _set_threads(threads)
+        from rnngen.data import read_corpus
+        from rnngen.device import pick_dtype
+        from rnngen.evaluate import evaluate_corpus, evaluate_validation
+
+        loaded = _load(model, device)
+        dtype = pick_dtype(precision, next(loaded.model.parameters()).device)
+        if files:
+            metrics = evaluate_corpus(loaded, read_corpus(files, encoding), dtype)
+        else:
+            metrics = evaluate_validation(loaded, dtype)
+        if as_json:
+            typer.echo(json.dumps({**metrics.to_dict(), "model": str(loaded.directory)}, ensure_ascii=False))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{loaded.directory.name}: {metrics.source}", title_justify="left")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for label, value in (("tokens", f"{metrics.tokens:,}"), ("characters", f"{metrics.characters:,}"),
+                             ("loss (nats/token)", f"{metrics.loss:.4f}"), ("perplexity", f"{metrics.perplexity:.2f}"),
+                             ("bits per character", f"{metrics.bits_per_char:.4f}"),
+                             ("unknown characters", f"{metrics.unknown_chars:,}")):
+            table.add_row(label, value)
+        Console().print(table)
+
+
+def main() -> None:
+    app()

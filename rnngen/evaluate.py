@@ -1,0 +1,73 @@
+"""Held-out loss, perplexity and bits per character, on a model's own validation split or given text."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rnngen.checkpoint import LoadedModel
+from rnngen.data import Corpus, count_chars, encode_songs, read_corpus, split_songs, train_val_split
+from rnngen.device import autocast
+from rnngen.errors import CorpusError
+from rnngen.model import sum_nll
+
+
+@dataclass
+class Metrics:
+    tokens: int  # tokens predicted (each song's text and its end-of-song token)
+    characters: int  # characters those tokens cover (an end of song counts as one)
+    loss: float  # mean negative log-likelihood, nats per token
+    perplexity: float  # exp(loss)
+    bits_per_char: float  # total nats / characters / ln 2: comparable across tokenizers
+    unknown_chars: int  # characters the vocabulary lacks (each predicted as the unknown token)
+    source: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_songs(loaded: LoadedModel, songs: list[str], source: str, dtype: torch.dtype = torch.float32) -> Metrics:
+    tok = loaded.tokenizer
+    if not songs:
+        raise CorpusError(f"nothing to evaluate in {source}")
+    ids = torch.cat([torch.tensor([tok.eos_id]), encode_songs(songs, tok.encode, tok.eos_id)])
+    device = next(loaded.model.parameters()).device
+    nats, n = sum_nll(loaded.model, ids, amp=autocast(device, dtype))
+    chars = count_chars(songs)
+    lacking = tok.missing("".join(songs))
+    unknown = sum(c in lacking for s in songs for c in s) if lacking else 0
+    return Metrics(tokens=n, characters=chars, loss=nats / n, perplexity=math.exp(min(nats / n, 700.0)),
+                   bits_per_char=nats / chars / math.log(2), unknown_chars=unknown, source=source)
+
+
+def evaluate_corpus(loaded: LoadedModel, corpus: Corpus, dtype: torch.dtype = torch.float32) -> Metrics:
+    """Score every song of the given text."""
+    return evaluate_songs(loaded, split_songs(corpus.text), ", ".join(corpus.sources), dtype)
+
+
+def evaluate_validation(loaded: LoadedModel, dtype: torch.dtype = torch.float32) -> Metrics:
+    """Score the model's own held-out songs, re-read from its training corpus and checked by hash."""
+    info = loaded.meta.get("corpus", {})
+    sources = info.get("sources") or []
+    if not sources or "-" in sources:
+        raise CorpusError(
+            f"{loaded.directory} was trained on text from stdin, so its validation split cannot be re-read; "
+            "pass the text to evaluate as FILE or -"
+        )
+    missing = [s for s in sources if not Path(s).exists()]
+    if missing:
+        raise CorpusError(f"the training corpus {missing[0]} is gone; pass the text to evaluate as FILE or -")
+    corpus = read_corpus(sources, info.get("encoding", "utf-8"))
+    if corpus.sha256 != info.get("sha256"):
+        raise CorpusError(
+            f"the training corpus ({sources[0]}...) changed since training, so its validation split is lost; "
+            "pass the text to evaluate as FILE or -"
+        )
+    cfg = loaded.train_config
+    _, val = train_val_split(corpus.text, cfg.val_fraction, cfg.seed)
+    if not val:
+        raise CorpusError(f"{loaded.directory} was trained without a validation split; pass text to evaluate")
+    return evaluate_songs(loaded, val, f"validation split of {', '.join(sources)}", dtype)

@@ -1,0 +1,147 @@
+"""The language model: embedding -> stacked LSTM / GRU / tanh RNN -> linear over the vocabulary."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rnngen.config import ModelConfig
+
+RNN_MODULES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # nn.RNN / nn.LSTM layout: (layers, batch, hidden)
+
+
+class RNNLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.tie_weights and config.embedding_dim != config.hidden_size:
+            raise ValueError("tie_weights needs embedding_dim == hidden_size")
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
+        rnn_kwargs = {"nonlinearity": "tanh"} if config.rnn_type == "rnn" else {}
+        self.rnn = RNN_MODULES[config.rnn_type](
+            config.embedding_dim, config.hidden_size, config.num_layers, batch_first=True,
+            dropout=config.dropout if config.num_layers > 1 else 0.0, **rnn_kwargs,
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        if config.tie_weights:
+            self.head.weight = self.embedding.weight
+        self._init_weights()
+        self._cells: list[tuple[torch.Tensor, ...]] | None = None
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.embedding.weight, std=0.1 if self.config.tie_weights else 1.0)
+        if self.config.rnn_type == "lstm":  # forget-gate bias 1: remember by default early in training
+            H = self.config.hidden_size
+            for name, p in self.rnn.named_parameters():
+                if name.startswith("bias_ih"):
+                    with torch.no_grad():
+                        p[H : 2 * H].fill_(1.0)
+
+    def forward(
+        self, ids: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        """ids (batch, seq) -> logits (batch, seq, vocab), new state, mean loss if targets given."""
+        x = self.drop(self.embedding(ids))
+        y, state = self.rnn(x, state)
+        logits = self.head(self.drop(y))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, state, loss
+
+    # ---- one token at a time, for sampling -------------------------------------------------
+    # nn.LSTM called per token pays a large fixed cost per call; one fused matmul per layer is
+    # several times faster and gives the same numbers (see bench/).
+
+    def prepare_step(self) -> None:
+        """Cache fused per-layer weights for step(); call again after the weights change."""
+        cells = []
+        for layer in range(self.config.num_layers):
+            w_ih = getattr(self.rnn, f"weight_ih_l{layer}").detach()
+            w_hh = getattr(self.rnn, f"weight_hh_l{layer}").detach()
+            b_ih = getattr(self.rnn, f"bias_ih_l{layer}").detach()
+            b_hh = getattr(self.rnn, f"bias_hh_l{layer}").detach()
+            if self.config.rnn_type == "gru":  # the candidate gate needs r * (W_hn h), so keep them apart
+                cells.append((w_ih.t().contiguous(), b_ih, w_hh.t().contiguous(), b_hh))
+            else:
+                cells.append((torch.cat([w_ih, w_hh], 1).t().contiguous(), b_ih + b_hh))
+        self._cells = cells
+
+    def step_state(self, state: State | None, batch: int, device: torch.device) -> list:
+        """Convert an nn-layout state (or None) into the per-layer list step() carries."""
+        L, H = self.config.num_layers, self.config.hidden_size
+        if state is None:
+            zeros = torch.zeros(L, batch, H, device=device)
+            state = (zeros, zeros.clone()) if self.config.rnn_type == "lstm" else zeros
+        if self.config.rnn_type == "lstm":
+            return [(state[0][i], state[1][i]) for i in range(L)]
+        return [state[i] for i in range(L)]
+
+    def step(self, ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        """ids (batch,) -> logits (batch, vocab); state is step_state()'s per-layer list."""
+        assert self._cells is not None, "call prepare_step() first"
+        x = self.embedding(ids)
+        H, kind, new_state = self.config.hidden_size, self.config.rnn_type, []
+        for cell, s in zip(self._cells, state):
+            if kind == "lstm":
+                h, c = s
+                gates = torch.addmm(cell[1], torch.cat([x, h], 1), cell[0])
+                i, f, g, o = gates.split(H, 1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                new_state.append((h, c))
+            elif kind == "gru":
+                gi = torch.addmm(cell[1], x, cell[0])
+                gh = torch.addmm(cell[3], s, cell[2])
+                ir, iz, inn = gi.split(H, 1)
+                hr, hz, hn = gh.split(H, 1)
+                r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+                h = (1 - z) * torch.tanh(inn + r * hn) + z * s
+                new_state.append(h)
+            else:
+                h = torch.tanh(torch.addmm(cell[1], torch.cat([x, s], 1), cell[0]))
+                new_state.append(h)
+            x = h
+        return self.head(x), new_state
+
+
+@torch.no_grad()
+def sum_nll(model: RNNLM, ids: torch.Tensor, streams: int = 16, seq_len: int = 256, amp=None) -> tuple[float, int]:
+    """Total negative log-likelihood (nats) of predicting ids[1:] from what precedes, and the count.
+
+    The stream is cut into `streams` contiguous rows read in windows with the state carried,
+    so the result equals one pass over the whole text up to where the rows meet.
+    """
+    import contextlib
+
+    n = ids.numel() - 1
+    if n < 1:
+        return 0.0, 0
+    was_training = model.training
+    model.eval()
+    rows = max(1, min(streams, n // 64))
+    cols = n // rows
+    device = next(model.parameters()).device
+    total = 0.0
+    for part in (ids[: rows * cols + 1], ids[rows * cols :]):  # the main block, then the leftover tail
+        m = part.numel() - 1
+        if m < 1:
+            continue
+        r = rows if part.numel() == rows * cols + 1 else 1
+        c = m // r
+        idx = torch.arange(r).unsqueeze(1) * c + torch.arange(c + 1)
+        block = part[idx].to(device)
+        state = None
+        for start in range(0, c, seq_len):
+            x = block[:, start : start + seq_len]
+            y = block[:, start + 1 : start + 1 + seq_len]
+            x = x[:, : y.size(1)]
+            with amp or contextlib.nullcontext():
+                logits, state, _ = model(x, state)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+    model.train(was_training)
+    return total, n

@@ -1,0 +1,77 @@
+"""Sampling: continue a seed text, streaming text pieces as tokens are made."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from rnngen.checkpoint import LoadedModel
+from rnngen.errors import UsageError
+from rnngen.sampler import SamplingSettings, generate_ids
+
+
+@dataclass
+class SampleRequest:
+    seed_text: str = ""  # the text to continue; empty starts a new song
+    length: int = 200  # characters to add after the seed
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    num_samples: int = 1  # streams generated together in one batch
+    random_seed: int | None = None  # None draws one; the same seed gives the same text
+    stop_at_end: bool = False  # end a sample at the model's end-of-song token
+
+    def validate(self, vocab_size: int) -> None:
+        s = self.settings
+        if self.length < 1:
+            raise UsageError(f"--length must be at least 1 (got {self.length})")
+        if self.num_samples < 1:
+            raise UsageError(f"--num-samples must be at least 1 (got {self.num_samples})")
+        if s.temperature < 0 or s.temperature != s.temperature:
+            raise UsageError(f"--temperature must be 0 (greedy) or more (got {s.temperature})")
+        if s.top_k < 0:
+            raise UsageError(f"--top-k must be 0 (off) or a positive number (got {s.top_k})")
+        if s.top_k > vocab_size:
+            raise UsageError(f"--top-k {s.top_k} is larger than the model's vocabulary ({vocab_size} tokens)")
+        if not 0 < s.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1] (got {s.top_p})")
+
+
+def resolve_seed(request: SampleRequest) -> int:
+    if request.random_seed is None:
+        request.random_seed = secrets.randbits(31)
+    return request.random_seed
+
+
+def generate(loaded: LoadedModel, request: SampleRequest) -> Iterator[tuple[int, str]]:
+    """Yield (sample index, new text) pieces as they are made, the seed text first.
+
+    Each sample gets exactly `length` characters after the seed, unless it stops at end of song.
+    """
+    tok, model = loaded.tokenizer, loaded.model
+    request.validate(tok.vocab_size)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(resolve_seed(request))
+    n = request.num_samples
+    prompt = [tok.eos_id, *tok.encode(request.seed_text)]  # a seed starts a song
+    banned = (tok.unk_id,) if tok.unk_id != tok.eos_id else ()
+    decoders = [tok.stream_decoder() for _ in range(n)]
+    remaining = [request.length] * n
+    if request.seed_text:
+        for i in range(n):
+            yield i, request.seed_text
+    max_tokens = request.length * 4 + 8  # a byte-fallback token can carry a quarter of a character
+    for ids in generate_ids(model, prompt, max_tokens, request.settings, generator, batch=n, banned=banned):
+        for i, token in enumerate(ids.tolist()):
+            if remaining[i] <= 0:
+                continue
+            if request.stop_at_end and token == tok.eos_id:
+                remaining[i] = 0
+                continue
+            text = decoders[i].push(token)[: remaining[i]]
+            remaining[i] -= len(text)
+            if text:
+                yield i, text
+        if max(remaining) <= 0:
+            return

@@ -1,0 +1,65 @@
+"""Next-token choice (temperature, top-k, top-p) and the token-by-token generation loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from rnngen.model import RNNLM
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 0.8  # < 1 is more conservative, 0 is greedy (always the likeliest token)
+    top_k: int = 0  # keep only the k likeliest tokens (0 = all)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = all)
+
+
+def choose(logits: torch.Tensor, s: SamplingSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (batch, vocab) -> token ids (batch,)."""
+    logits = logits.float()
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if 0 < s.top_k < logits.size(-1):
+        kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= s.top_p  # tokens whose predecessors already reach p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: RNNLM,
+    prompt: list[int],
+    max_tokens: int,
+    settings: SamplingSettings,
+    generator: torch.Generator | None = None,
+    batch: int = 1,
+    banned: tuple[int, ...] = (),
+) -> Iterator[torch.Tensor]:
+    """Yield (batch,) tensors of new token ids, one per step, continuing `prompt` in every stream.
+
+    The prompt runs through the model once; after that each token costs one step() (the state is
+    carried, the prefix is never re-read).
+    """
+    model.eval()
+    model.prepare_step()
+    device = next(model.parameters()).device
+    x = torch.tensor([prompt] * batch, device=device)
+    logits, state, _ = model(x)
+    logits = logits[:, -1]
+    state = model.step_state(state, batch, device)
+    for _ in range(max_tokens):
+        if banned:
+            logits[:, list(banned)] = float("-inf")
+        ids = choose(logits, settings, generator)
+        yield ids
+        logits, state = model.step(ids, state)

@@ -1,0 +1,192 @@
+"""Tokenizers behind one small interface: `char` (one code point per token) and `spm` (SentencePiece)."""
+
+from __future__ import annotations
+
+import codecs
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Protocol
+
+from rnngen.errors import CorpusError, ModelError
+
+CHAR_FILE = "vocab.json"
+SPM_FILE = "tokenizer.model"
+UNK, EOS = "<unk>", "<eos>"
+
+
+class StreamDecoder(Protocol):
+    def push(self, token_id: int) -> str: ...
+
+
+class Tokenizer(Protocol):
+    kind: str
+    vocab_size: int
+    unk_id: int
+    eos_id: int  # end of song: separates documents, stops sampling
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def missing(self, text: str) -> set[str]: ...
+    def stream_decoder(self) -> StreamDecoder: ...
+    def save(self, directory: Path) -> None: ...
+
+
+class CharTokenizer:
+    """One Unicode code point per token; id 0 is unknown, id 1 is end of song."""
+
+    kind = "char"
+    unk_id, eos_id = 0, 1
+
+    def __init__(self, chars: list[str]):
+        self.itos = [UNK, EOS, *chars]
+        self.stoi = {c: i for i, c in enumerate(self.itos) if i >= 2}
+        self.vocab_size = len(self.itos)
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(text)
+        return cls(sorted(counts))
+
+    def encode(self, text: str) -> list[int]:
+        get = self.stoi.get
+        return [get(c, 0) for c in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        itos = self.itos
+        return "".join("\n\n" if i == 1 else itos[i] if i > 1 else "" for i in ids)
+
+    def missing(self, text: str) -> set[str]:
+        return {c for c in text if c not in self.stoi}
+
+    def stream_decoder(self) -> "_CharStream":
+        return _CharStream(self)
+
+    def save(self, directory: Path) -> None:
+        data = json.dumps({"kind": "char", "chars": self.itos[2:]}, ensure_ascii=False)
+        (directory / CHAR_FILE).write_text(data, encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: Path) -> "CharTokenizer":
+        path = directory / CHAR_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            chars = data["chars"]
+            if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+                raise ValueError("chars must be a list of single characters")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"cannot read tokenizer {path}: {exc}") from None
+        return cls(chars)
+
+
+class _CharStream:
+    def __init__(self, tok: CharTokenizer):
+        self.tok = tok
+
+    def push(self, token_id: int) -> str:
+        return self.tok.decode((token_id,))
+
+
+class SpmTokenizer:
+    """SentencePiece BPE/unigram with byte fallback, so any text encodes; text round-trips exactly."""
+
+    kind = "spm"
+
+    def __init__(self, proto: bytes):
+        import sentencepiece as spm
+
+        self.proto = proto
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        self.vocab_size = self.sp.get_piece_size()
+        self.unk_id, self.eos_id = self.sp.unk_id(), self.sp.eos_id()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> "SpmTokenizer":
+        import sentencepiece as spm
+
+        lines = [line for text in texts for line in text.split("\n") if line]
+        if not lines:
+            raise CorpusError("cannot train a SentencePiece tokenizer on an empty corpus")
+        buf = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
+                model_type=model_type, byte_fallback=True, character_coverage=0.9995,
+                normalization_rule_name="identity", add_dummy_prefix=False,
+                remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+                user_defined_symbols=["\n"], unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
+                split_digits=True, max_sentence_length=1 << 16, num_threads=2, minloglevel=2,
+            )
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+            raise CorpusError(
+                f"SentencePiece training failed ({first}); try a smaller --vocab-size or --tokenizer char"
+            ) from None
+        return cls(buf.getvalue())
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out, run = [], []
+        for i in ids:  # eos is a control piece that spm drops: render it as a song break
+            if i == self.eos_id:
+                out.append(self.sp.decode(run) + "\n\n")
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self.sp.decode(run)
+
+    def missing(self, text: str) -> set[str]:
+        return set()  # byte fallback covers every character
+
+    def stream_decoder(self) -> "_SpmStream":
+        return _SpmStream(self)
+
+    def save(self, directory: Path) -> None:
+        (directory / SPM_FILE).write_bytes(self.proto)
+
+    @classmethod
+    def load(cls, directory: Path) -> "SpmTokenizer":
+        path = directory / SPM_FILE
+        try:
+            return cls(path.read_bytes())
+        except (OSError, RuntimeError) as exc:
+            raise ModelError(f"cannot read tokenizer {path}: {exc}") from None
+
+
+class _SpmStream:
+    """Turns ids into text one at a time; byte pieces are held until they form a whole character."""
+
+    def __init__(self, tok: SpmTokenizer):
+        self.sp, self.eos_id = tok.sp, tok.eos_id
+        self.bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        sp = self.sp
+        if sp.is_byte(token_id):
+            return self.bytes.decode(bytes([int(sp.id_to_piece(token_id)[1:-1], 16)]))
+        pending = self.bytes.decode(b"", final=True)
+        self.bytes.reset()
+        if token_id == self.eos_id:
+            return pending + "\n\n"
+        if sp.is_control(token_id) or sp.is_unknown(token_id):
+            return pending
+        return pending + sp.id_to_piece(token_id).replace("\u2581", " ")
+
+
+def train_tokenizer(kind: str, texts: list[str], vocab_size: int, model_type: str) -> Tokenizer:
+    if kind == "char":
+        return CharTokenizer.train(texts)
+    return SpmTokenizer.train(texts, vocab_size, model_type)
+
+
+def load_tokenizer(kind: str, directory: Path) -> Tokenizer:
+    if kind == "char":
+        return CharTokenizer.load(directory)
+    if kind == "spm":
+        return SpmTokenizer.load(directory)
+    raise ModelError(f"unknown tokenizer kind {kind!r} in {directory / 'config.json'}")

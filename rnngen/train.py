@@ -1,0 +1,274 @@
+"""Training: truncated BPTT with carried state, AdamW, warm-up + cosine/plateau LR, early stopping, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from rnngen.checkpoint import (
+    METRICS_FILE, WEIGHTS_FILE, build_meta, load_trainer_state, read_config, save_trainer_state, save_weights,
+    write_config,
+)
+from rnngen.config import ModelConfig, TrainConfig
+from rnngen.data import BatchStream, Corpus, Position, count_chars, encode_songs, train_val_split
+from rnngen.device import autocast, pick_device, pick_dtype
+from rnngen.errors import CorpusError, UsageError
+from rnngen.model import RNNLM, sum_nll
+from rnngen.sampler import SamplingSettings, generate_ids
+from rnngen.tokenizer import load_tokenizer, train_tokenizer
+
+ProgressFn = Callable[[str, dict[str, Any]], None]
+BUDGET_KEYS = ("max_steps", "epochs", "time_limit", "patience")
+
+
+@dataclass
+class TrainResult:
+    directory: Path
+    steps: int
+    stop_reason: str
+    best_val_loss: float | None
+    best_val_bpc: float | None
+
+
+def lr_factor(cfg: TrainConfig, step: int, progress: float, plateau_scale: float) -> float:
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    if cfg.lr_schedule == "cosine":
+        p = min(1.0, progress)
+        return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+    if cfg.lr_schedule == "plateau":
+        return warm * plateau_scale
+    return warm
+
+
+def _param_groups(model: RNNLM, weight_decay: float) -> list[dict]:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embedding")]
+    seen = {id(p) for p in decay}
+    rest = [p for p in model.parameters() if id(p) not in seen]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _detach(state):
+    if state is None:
+        return None
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+def train(
+    corpus: Corpus,
+    out_dir: Path,
+    model_options: dict[str, Any],
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    budget_overrides: dict[str, Any] | None = None,
+    device: str = "auto",
+    on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> TrainResult:
+    """Train (or resume) a model in `out_dir` and return how it ended."""
+    emit = on_progress or (lambda kind, info: None)
+    dev = pick_device(device)
+    corpus_info = {"sha256": corpus.sha256, "bytes": corpus.size, "sources": corpus.sources, "encoding": corpus.encoding}
+
+    saved: dict[str, Any] | None = None
+    if resume:
+        meta = read_config(out_dir)
+        if meta.get("corpus", {}).get("sha256") != corpus.sha256:
+            raise CorpusError(
+                f"this corpus differs from the one {out_dir} was trained on (SHA-256 mismatch); "
+                "resume with the same text, or train a new model with --name"
+            )
+        config = replace(TrainConfig.from_dict(meta["train"]), **(budget_overrides or {}))
+        model_config = ModelConfig.from_dict(meta["model"])
+        tokenizer = load_tokenizer(meta["tokenizer"], out_dir)
+        saved = load_trainer_state(out_dir)
+    else:
+        config = replace(config, **(budget_overrides or {}))
+    dtype = pick_dtype(config.precision, dev)
+    _check_budget(config)
+
+    train_songs, val_songs = train_val_split(corpus.text, config.val_fraction, config.seed)
+    if not resume:
+        emit("info", {"message": f"building the {config.tokenizer} tokenizer"})
+        tokenizer = train_tokenizer(config.tokenizer, train_songs, config.vocab_size, config.spm_model_type)
+        torch.manual_seed(config.seed)
+        try:
+            model_config = ModelConfig(vocab_size=tokenizer.vocab_size, **model_options)
+            model = RNNLM(model_config)
+        except ValueError as exc:
+            raise UsageError(f"{exc}; set --embedding-dim to --hidden-size or drop --tie-weights") from None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(out_dir)
+        write_config(out_dir, build_meta(model_config, config, tokenizer, corpus_info))
+        (out_dir / METRICS_FILE).unlink(missing_ok=True)
+    else:
+        model = RNNLM(model_config)
+
+    train_ids = encode_songs(train_songs, tokenizer.encode, tokenizer.eos_id)
+    val_ids = torch.cat([torch.tensor([tokenizer.eos_id]), encode_songs(val_songs, tokenizer.encode, tokenizer.eos_id)])
+    val_chars = count_chars(val_songs)
+    batches = BatchStream(train_ids, config.batch_size, config.seq_len, config.seed)
+    model.to(dev)
+    opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.99))
+
+    step, elapsed, best, bad_evals, plateau_scale, hidden = 0, 0.0, math.inf, 0, 1.0, None
+    if saved is not None:
+        try:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            batches.pos = Position(**saved["position"])
+            step, elapsed, best = saved["step"], saved["elapsed"], saved["best"]
+            bad_evals, plateau_scale = saved["bad_evals"], saved["plateau_scale"]
+            hidden = tuple(t.to(dev) for t in saved["hidden"]) if saved["hidden"] else None
+            if model_config.rnn_type != "lstm" and hidden is not None:
+                hidden = hidden[0]
+            torch.set_rng_state(saved["rng"])
+        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise UsageError(f"cannot resume from {out_dir}/trainer.pt: it does not match this model ({exc})") from None
+
+    amp = autocast(dev, dtype)
+    chars_per_token = count_chars(train_songs) / max(1, train_ids.numel())
+    total_steps = _total_steps(config, batches.windows_per_epoch)
+    emit("start", {
+        "directory": str(out_dir), "device": str(dev), "precision": str(dtype).removeprefix("torch."),
+        "params": sum(p.numel() for p in model.parameters()), "train_tokens": train_ids.numel(),
+        "val_chars": val_chars, "vocab_size": tokenizer.vocab_size, "batch_size": batches.batch_size,
+        "seq_len": batches.seq_len, "total_steps": total_steps, "time_limit": config.time_limit, "step": step,
+    })
+
+    def progress_now() -> float:
+        if total_steps:
+            return step / total_steps
+        return elapsed / config.time_limit if config.time_limit else 0.0
+
+    def checkpoint() -> None:
+        save_trainer_state(out_dir, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "position": {"epoch": batches.pos.epoch, "window": batches.pos.window},
+            "step": step, "elapsed": elapsed, "best": best, "bad_evals": bad_evals,
+            "plateau_scale": plateau_scale, "rng": torch.get_rng_state(),
+            "hidden": [] if hidden is None else list(hidden) if isinstance(hidden, tuple) else [hidden],
+        })
+
+    def evaluate_now(train_loss: float, chars_per_sec: float) -> dict[str, Any]:
+        nonlocal best, bad_evals, plateau_scale
+        record: dict[str, Any] = {"step": step, "epoch": round(step / batches.windows_per_epoch, 3),
+                                  "elapsed": round(elapsed, 1), "train_loss": round(train_loss, 4),
+                                  "lr": opt.param_groups[0]["lr"], "chars_per_sec": round(chars_per_sec)}
+        if val_chars:
+            nats, n = sum_nll(model, val_ids, amp=amp)
+            val_loss = nats / n
+            record.update(val_loss=round(val_loss, 4), val_bpc=round(nats / val_chars / math.log(2), 4))
+        else:  # no held-out text: the latest weights are the best we know
+            val_loss = -step
+        if val_loss < best:
+            best, bad_evals = val_loss, 0
+            save_weights(out_dir, model)
+            record["saved"] = True
+        else:
+            bad_evals += 1
+            if config.lr_schedule == "plateau" and bad_evals % 2 == 0:
+                plateau_scale *= 0.5
+        with (out_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        record["preview"] = _preview(model, tokenizer, config.seed + step)
+        model.train()
+        return record
+
+    model.train()
+    stop_reason, losses, window_chars, window_time = "", [], 0, 0.0
+    last_eval_step = step if saved is not None else -1
+    while True:
+        reason = _budget_reason(config, step, elapsed, total_steps, bad_evals)
+        if reason:
+            stop_reason = reason
+            break
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = config.lr * lr_factor(config, step, progress_now(), plateau_scale)
+        x, y, fresh = batches.next()
+        if fresh:
+            hidden = None  # a new epoch starts the streams afresh
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        with amp:
+            _, hidden, loss = model(x, hidden, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        hidden = _detach(hidden)
+        step += 1
+        losses.append(loss.item())
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        window_chars += x.numel() * chars_per_token
+        window_time += dt
+        cps = window_chars / window_time if window_time else 0.0
+        emit("step", {"step": step, "total_steps": total_steps, "train_loss": losses[-1], "chars_per_sec": cps,
+                      "elapsed": elapsed, "progress": progress_now()})
+        if should_stop():
+            stop_reason = "interrupted"
+            break
+        if step % config.eval_every == 0:
+            t0 = time.perf_counter()
+            record = evaluate_now(sum(losses[-20:]) / len(losses[-20:]), cps)
+            elapsed += time.perf_counter() - t0
+            last_eval_step = step
+            checkpoint()
+            emit("eval", record)
+            window_chars, window_time = 0, 0.0
+    if stop_reason != "interrupted" and last_eval_step != step and losses:
+        emit("eval", evaluate_now(sum(losses[-20:]) / len(losses[-20:]), 0.0))
+    checkpoint()
+    if not (out_dir / WEIGHTS_FILE).exists():
+        save_weights(out_dir, model)
+    best_loss = best if val_chars and best < math.inf else None
+    best_bpc = None
+    if best_loss is not None:
+        best_bpc = best_loss * (val_ids.numel() - 1) / val_chars / math.log(2)
+    meta = read_config(out_dir)
+    meta["result"] = {"steps": step, "stop_reason": stop_reason, "best_val_loss": best_loss,
+                      "best_val_bpc": best_bpc, "train_seconds": round(elapsed, 1)}
+    meta.pop("format_version", None)
+    meta.pop("rnngen_version", None)
+    write_config(out_dir, meta)
+    emit("done", {"steps": step, "stop_reason": stop_reason, "best_val_bpc": best_bpc})
+    return TrainResult(out_dir, step, stop_reason, best_loss, best_bpc)
+
+
+def _check_budget(cfg: TrainConfig) -> None:
+    if not (cfg.max_steps or cfg.epochs or cfg.time_limit or cfg.patience):
+        raise UsageError("training would never stop: give --max-steps, --epochs, --time-limit or --patience")
+
+
+def _total_steps(cfg: TrainConfig, windows_per_epoch: int) -> int | None:
+    budgets = [cfg.max_steps] if cfg.max_steps else []
+    if cfg.epochs:
+        budgets.append(max(1, round(cfg.epochs * windows_per_epoch)))
+    return min(budgets) if budgets else None
+
+
+def _budget_reason(cfg: TrainConfig, step: int, elapsed: float, total_steps: int | None, bad_evals: int) -> str:
+    if total_steps is not None and step >= total_steps:
+        return "step budget reached"
+    if cfg.time_limit and elapsed >= cfg.time_limit:
+        return "time limit reached"
+    if cfg.patience and bad_evals >= cfg.patience:
+        return f"early stop: no validation improvement in {cfg.patience} evaluations"
+    return ""
+
+
+def _preview(model: RNNLM, tokenizer, seed: int, length: int = 60) -> str:
+    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    out = []
+    for ids in generate_ids(model, [tokenizer.eos_id], length, SamplingSettings(0.8), g, banned=(tokenizer.unk_id,)):
+        if int(ids[0]) == tokenizer.eos_id:
+            break
+        out.append(int(ids[0]))
+    return tokenizer.decode(out)
