@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -23,6 +24,7 @@ from rnngen.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE, METRICS_FILE = "config.json", "model.safetensors", "trainer.pt", "metrics.jsonl"
+LOCK_FILE = "train.lock"
 BUNDLED_NAME = "songci"
 
 
@@ -40,8 +42,9 @@ class LoadedModel:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write so that `path` always holds either its old or its new content, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
@@ -50,9 +53,53 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise ModelError(f"cannot write {path}: {exc.strerror or exc}; the previous version is untouched") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold train.lock (with our pid) in `directory`; a lock left by a dead process is taken over."""
+    path = directory / LOCK_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise ModelError(f"{directory} is being trained by process {pid}; wait for it or use another --name")
+            path.unlink(missing_ok=True)  # stale: its owner is gone
+            continue
+        except OSError as exc:
+            raise ModelError(f"cannot write in {directory}: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    else:
+        raise ModelError(f"cannot take the lock {path}; remove it if no training is running")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_config(directory: Path, meta: dict[str, Any]) -> None:

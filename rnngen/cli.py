@@ -14,12 +14,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
 
+try:  # recent typer vendors click; older releases use the click package
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, NoArgsIsHelpError
+
 from rnngen import __version__
+from rnngen.config import ModelConfig, TrainConfig
 from rnngen.errors import RnngenError
+
+_T, _M = TrainConfig(), ModelConfig(vocab_size=0)  # the defaults, defined once in config.py
 
 
 class _OneLineErrors(TyperGroup):
@@ -29,12 +36,13 @@ class _OneLineErrors(TyperGroup):
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                               standalone_mode=False, **extra)
-        except click.ClickException as exc:
+        except NoArgsIsHelpError as exc:  # bare `rnngen`: show the help, not an error
+            typer.echo(exc.format_message())
+            rv = 0
+        except ClickException as exc:
             command = exc.ctx.command_path if getattr(exc, "ctx", None) else "rnngen"
-            click.echo(f"Error: {exc.format_message()} (see '{command} --help')", err=True)
+            typer.echo(f"Error: {exc.format_message()} (see '{command} --help')", err=True)
             rv = exc.exit_code
-        except click.Abort:
-            rv = 130
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
         return rv
@@ -107,35 +115,35 @@ def _set_threads(threads: int) -> None:
 
 @app.command()
 def train(
-    corpus: List[str] = typer.Argument(..., metavar="CORPUS...", help="Text files, directories (their *.txt), or - for stdin."),
+    corpus: List[str] = typer.Argument(..., metavar="CORPUS", help="Text files, directories (their *.txt), or - for stdin."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name: saved to models/NAME. Default: the corpus file's name."),
     out: Optional[Path] = typer.Option(None, "--out", help="Model directory to write (instead of models/NAME)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in the model directory exactly where it stopped."),
     force: bool = typer.Option(False, "--force", help="Start over even if the model directory already holds a model."),
     encoding: str = typer.Option("utf-8", "--encoding", help="Text encoding of the corpus, e.g. gbk, big5, utf-16."),
-    tokenizer: str = typer.Option("char", "--tokenizer", help="char: one Unicode character per token; spm: SentencePiece subwords."),
-    vocab_size: int = typer.Option(4000, "--vocab-size", help="spm only: number of subword pieces."),
-    spm_model_type: str = typer.Option("bpe", "--spm-model-type", help="spm only: bpe or unigram."),
-    rnn_type: str = typer.Option("lstm", "--rnn-type", "--cell", help="Recurrent cell: lstm, gru or rnn (tanh). Always unidirectional: a bidirectional RNN sees the future and cannot generate left to right."),
-    layers: int = typer.Option(2, "--layers", help="Number of stacked recurrent layers."),
-    hidden_size: int = typer.Option(512, "--hidden-size", help="Units per recurrent layer."),
-    embedding_dim: int = typer.Option(128, "--embedding-dim", help="Size of the token embedding."),
-    dropout: float = typer.Option(0.25, "--dropout", help="Dropout between layers and before the output (0 to disable)."),
-    tie_weights: bool = typer.Option(False, "--tie-weights", help="Share the embedding and output matrices (needs --embedding-dim equal to --hidden-size)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Parallel text streams per step."),
-    seq_len: int = typer.Option(128, "--seq-len", help="BPTT window: tokens back-propagated through per step (the state carries on beyond it)."),
-    lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate (AdamW)."),
-    weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay on weight matrices."),
-    warmup_steps: int = typer.Option(100, "--warmup-steps", help="Steps of linear learning-rate warm-up."),
-    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine (decay over the step/epoch/time budget), plateau (halve when validation stalls) or constant."),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the global gradient norm to this."),
-    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of songs held out for validation (0 for none)."),
-    eval_every: int = typer.Option(50, "--eval-every", help="Validate (and checkpoint) every N steps."),
-    patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N validations without improvement (0: never). [default: 6]"),
+    tokenizer: str = typer.Option(_T.tokenizer, "--tokenizer", help="char: one Unicode character per token; spm: SentencePiece subwords."),
+    vocab_size: int = typer.Option(_T.vocab_size, "--vocab-size", help="spm only: number of subword pieces."),
+    spm_model_type: str = typer.Option(_T.spm_model_type, "--spm-model-type", help="spm only: bpe or unigram."),
+    rnn_type: str = typer.Option(_M.rnn_type, "--rnn-type", "--cell", help="Recurrent cell: lstm, gru or rnn (tanh). Always unidirectional: a bidirectional RNN sees the future and cannot generate left to right."),
+    layers: int = typer.Option(_M.num_layers, "--layers", help="Number of stacked recurrent layers."),
+    hidden_size: int = typer.Option(_M.hidden_size, "--hidden-size", help="Units per recurrent layer."),
+    embedding_dim: int = typer.Option(_M.embedding_dim, "--embedding-dim", help="Size of the token embedding."),
+    dropout: float = typer.Option(_M.dropout, "--dropout", help="Dropout between layers and before the output (0 to disable)."),
+    tie_weights: bool = typer.Option(_M.tie_weights, "--tie-weights", help="Share the embedding and output matrices (needs --embedding-dim equal to --hidden-size)."),
+    batch_size: int = typer.Option(_T.batch_size, "--batch-size", help="Parallel text streams per step."),
+    seq_len: int = typer.Option(_T.seq_len, "--seq-len", help="BPTT window: tokens back-propagated through per step (the state carries on beyond it)."),
+    lr: float = typer.Option(_T.lr, "--lr", help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(_T.weight_decay, "--weight-decay", help="AdamW weight decay on weight matrices."),
+    warmup_steps: int = typer.Option(_T.warmup_steps, "--warmup-steps", help="Steps of linear learning-rate warm-up."),
+    lr_schedule: str = typer.Option(_T.lr_schedule, "--lr-schedule", help="cosine (decay over the step/epoch/time budget), plateau (halve when validation stalls) or constant."),
+    grad_clip: float = typer.Option(_T.grad_clip, "--grad-clip", help="Clip the global gradient norm to this."),
+    val_fraction: float = typer.Option(_T.val_fraction, "--val-fraction", help="Share of songs held out for validation (0 for none)."),
+    eval_every: int = typer.Option(_T.eval_every, "--eval-every", help="Validate (and checkpoint) every N steps."),
+    patience: Optional[int] = typer.Option(None, "--patience", help=f"Stop after N validations without improvement (0: never). [default: {_T.patience}]"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Stop after N passes over the training text."),
-    time_limit: Optional[str] = typer.Option(None, "--time-limit", help="Stop after this much training time: 600, 90s, 10m, 1h; 0 for none. [default: 10m]"),
-    seed: int = typer.Option(1337, "--seed", help="Random seed: the same seed and settings repeat a run."),
+    time_limit: Optional[str] = typer.Option(None, "--time-limit", help=f"Stop after this much training time: 600, 90s, 10m, 1h; 0 for none. [default: {_T.time_limit:.0f}s]"),
+    seed: int = typer.Option(_T.seed, "--seed", help="Random seed: the same seed and settings repeat a run."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the CPU has AMX/AVX512-BF16, or on GPU), fp32, bf16 or fp16 (GPU)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
@@ -143,7 +151,7 @@ def train(
 ) -> None:
     """Train a model on CORPUS and save it to models/NAME (prints that directory)."""
     with _errors_to_exit():
-        from rnngen.config import RNN_TYPES, TOKENIZERS, TrainConfig
+        from rnngen.config import RNN_TYPES, TOKENIZERS
 
         _check_choice("--tokenizer", tokenizer, TOKENIZERS)
         _check_choice("--rnn-type", rnn_type, RNN_TYPES)
@@ -158,6 +166,9 @@ def train(
             raise typer.BadParameter(f"must be in [0, 1) (got {dropout})", param_hint="--dropout")
         if not 0 <= val_fraction < 1:
             raise typer.BadParameter(f"must be in [0, 1) (got {val_fraction})", param_hint="--val-fraction")
+        if tie_weights and embedding_dim != hidden_size:
+            raise typer.BadParameter(f"needs --embedding-dim equal to --hidden-size ({embedding_dim} != {hidden_size})",
+                                     param_hint="--tie-weights")
         if lr <= 0 or grad_clip <= 0:
             raise typer.BadParameter("--lr and --grad-clip must be positive")
         for flag, value in (("--max-steps", max_steps), ("--epochs", epochs), ("--patience", patience)):

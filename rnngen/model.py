@@ -110,7 +110,7 @@ class RNNLM(nn.Module):
 
 
 @torch.no_grad()
-def sum_nll(model: RNNLM, ids: torch.Tensor, streams: int = 16, seq_len: int = 256, amp=None) -> tuple[float, int]:
+def sum_nll(model: RNNLM, ids: torch.Tensor, streams: int = 64, seq_len: int = 256, amp=None) -> tuple[float, int]:
     """Total negative log-likelihood (nats) of predicting ids[1:] from what precedes, and the count.
 
     The stream is cut into `streams` contiguous rows read in windows with the state carried,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -119,12 +120,13 @@ class SpmTokenizer:
                 remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
                 user_defined_symbols=["\n"], unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
                 split_digits=True, max_sentence_length=1 << 16, num_threads=2, minloglevel=2,
+                hard_vocab_limit=False,  # a small corpus may support fewer pieces than asked for
             )
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
-            raise CorpusError(
-                f"SentencePiece training failed ({first}); try a smaller --vocab-size or --tokenizer char"
-            ) from None
+            needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(exc))
+            if needed:  # 256 byte pieces plus the corpus's common characters must fit
+                raise CorpusError(f"--vocab-size {vocab_size} is too small for this corpus; use at least {needed[1]}") from None
+            raise CorpusError(f"SentencePiece training failed: {str(exc).strip()[:300]}") from None
         return cls(buf.getvalue())
 
     def encode(self, text: str) -> list[int]:

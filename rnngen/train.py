@@ -12,13 +12,13 @@ from typing import Any, Callable
 import torch
 
 from rnngen.checkpoint import (
-    METRICS_FILE, WEIGHTS_FILE, build_meta, load_trainer_state, read_config, save_trainer_state, save_weights,
+    METRICS_FILE, WEIGHTS_FILE, build_meta, locked, load_trainer_state, read_config, save_trainer_state, save_weights,
     write_config,
 )
 from rnngen.config import ModelConfig, TrainConfig
 from rnngen.data import BatchStream, Corpus, Position, count_chars, encode_songs, train_val_split
 from rnngen.device import autocast, pick_device, pick_dtype
-from rnngen.errors import CorpusError, UsageError
+from rnngen.errors import CorpusError, ModelError, UsageError
 from rnngen.model import RNNLM, sum_nll
 from rnngen.sampler import SamplingSettings, generate_ids
 from rnngen.tokenizer import load_tokenizer, train_tokenizer
@@ -59,7 +59,25 @@ def _detach(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
-def train(
+def train(corpus: Corpus, out_dir: Path, *args: Any, **kwargs: Any) -> TrainResult:
+    """Train (or resume) a model in `out_dir` and return how it ended; see _train for the arguments.
+
+    The directory is locked for the run, so two trainings cannot write it at once.
+    """
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
+    try:
+        with locked(out_dir):
+            return _train(corpus, out_dir, *args, **kwargs)
+    finally:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # failed before writing anything: leave no trace
+
+
+def _train(
     corpus: Corpus,
     out_dir: Path,
     model_options: dict[str, Any],
@@ -71,7 +89,6 @@ def train(
     on_progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> TrainResult:
-    """Train (or resume) a model in `out_dir` and return how it ended."""
     emit = on_progress or (lambda kind, info: None)
     dev = pick_device(device)
     corpus_info = {"sha256": corpus.sha256, "bytes": corpus.size, "sources": corpus.sources, "encoding": corpus.encoding}
@@ -103,7 +120,6 @@ def train(
             model = RNNLM(model_config)
         except ValueError as exc:
             raise UsageError(f"{exc}; set --embedding-dim to --hidden-size or drop --tie-weights") from None
-        out_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(out_dir)
         write_config(out_dir, build_meta(model_config, config, tokenizer, corpus_info))
         (out_dir / METRICS_FILE).unlink(missing_ok=True)
@@ -167,7 +183,7 @@ def train(
             record.update(val_loss=round(val_loss, 4), val_bpc=round(nats / val_chars / math.log(2), 4))
         else:  # no held-out text: the latest weights are the best we know
             val_loss = -step
-        if val_loss < best:
+        if val_loss < best - 1e-4:  # a real improvement, not float noise
             best, bad_evals = val_loss, 0
             save_weights(out_dir, model)
             record["saved"] = True

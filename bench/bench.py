@@ -1,0 +1,150 @@
+"""rnngen speed benchmark: run by hand, prints figures and ratios measured in the same run.
+
+    python bench/bench.py [--corpus TEXT] [--ref PATH/TO/ref_lstm.py] [--repeats 3] [--steps 12]
+
+Measures, on this machine and in this run: the fp32 and bf16 matmul peak; rnngen's training
+throughput (chars/s and model-FLOPs utilisation) for the default model and for the 2x512
+reference shape; the same for ref_lstm.py with that shape (when --ref is given); sampling
+chars/s for one stream and for 64 streams; and the ratios between them. Medians of repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rnngen.checkpoint import LoadedModel
+from rnngen.config import ModelConfig, TrainConfig
+from rnngen.device import cpu_has_fast_bf16
+from rnngen.model import RNNLM
+from rnngen.sample import SampleRequest, generate
+from rnngen.sampler import SamplingSettings
+from rnngen.tokenizer import CharTokenizer
+
+HERE = Path(__file__).resolve().parent
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    t = median_time(lambda: [a @ b for _ in range(4)], repeats, warmup=3) / 4
+    return 2 * n**3 / t / 1e9
+
+
+def exact_flops_per_char(cfg: ModelConfig) -> float:
+    """Training FLOPs per character: 3x the forward multiply-adds x 2, recurrent layers plus output."""
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[cfg.rnn_type]
+    flops = 0
+    for layer in range(cfg.num_layers):
+        inp = cfg.embedding_dim if layer == 0 else cfg.hidden_size
+        flops += 3 * 2 * gates * cfg.hidden_size * (inp + cfg.hidden_size)
+    return flops + 3 * 2 * cfg.hidden_size * cfg.vocab_size
+
+
+def train_throughput(cfg: ModelConfig, tcfg: TrainConfig, steps: int, repeats: int) -> float:
+    """chars/s of rnngen's training step (the same forward/backward/clip/AdamW as train.py)."""
+    from rnngen.device import autocast, pick_dtype
+    from rnngen.train import _param_groups
+
+    torch.manual_seed(0)
+    model = RNNLM(cfg).train()
+    opt = torch.optim.AdamW(_param_groups(model, tcfg.weight_decay), lr=1e-3)
+    amp = autocast(torch.device("cpu"), pick_dtype(tcfg.precision, torch.device("cpu")))
+    x = torch.randint(0, cfg.vocab_size, (tcfg.batch_size, tcfg.seq_len))
+    state = [None]
+
+    def run():
+        for _ in range(steps):
+            with amp:
+                _, h, loss = model(x, state[0], x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            opt.step()
+            state[0] = tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()
+
+    return steps * x.numel() / median_time(run, repeats, warmup=1)
+
+
+def sample_throughput(cfg: ModelConfig, streams: int, length: int, repeats: int) -> float:
+    torch.manual_seed(0)
+    chars = [chr(0x4E00 + i) for i in range(cfg.vocab_size - 2)]
+    loaded = LoadedModel(RNNLM(cfg).eval(), CharTokenizer(chars), Path("."), {})
+    req = lambda: SampleRequest(seed_text="", length=length, settings=SamplingSettings(0.8), num_samples=streams,
+                                random_seed=1)
+    t = median_time(lambda: sum(1 for _ in generate(loaded, req())), repeats)
+    return streams * length / t
+
+
+def ref_run(ref: Path, corpus: str, mode: str, extra: list[str]) -> dict:
+    out = subprocess.run([sys.executable, str(ref), "--data", corpus, "--mode", mode, *extra],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", default=str(HERE.parent.parent / "shared" / "corpora" / "tinyshakespeare.txt"))
+    p.add_argument("--ref", type=Path, default=HERE.parent.parent / "shared" / "bench" / "ref_lstm.py")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6, help="training steps per timed repeat")
+    p.add_argument("--sample-length", type=int, default=500)
+    a = p.parse_args()
+
+    text = Path(a.corpus).read_text(encoding="utf-8")
+    vocab = len(set(text)) + 2
+    row = lambda k, v: print(f"{k:<58} {v}", flush=True)
+    row("torch / threads / fast bf16 on this CPU", f"{torch.__version__} / {torch.get_num_threads()} / {cpu_has_fast_bf16()}")
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    row("matmul peak fp32, 2048^2 (GFLOPS)", f"{peak32:.0f}")
+    row("matmul peak bf16, 2048^2 (GFLOPS)", f"{peak16:.0f}")
+    best_peak = max(peak32, peak16)
+
+    default = ModelConfig(vocab_size=vocab)
+    reference = ModelConfig(vocab_size=vocab, hidden_size=512, embedding_dim=128, num_layers=2, dropout=0.0)
+    results = {}
+    for name, cfg in (("default", default), ("2x512", reference)):
+        tcfg = TrainConfig(batch_size=64, seq_len=128) if name == "2x512" else TrainConfig()
+        cps = train_throughput(cfg, tcfg, a.steps, a.repeats)
+        gflops = cps * exact_flops_per_char(cfg) / 1e9
+        results[name] = cps
+        row(f"rnngen train {name} ({cfg.num_layers}x{cfg.hidden_size}, batch {tcfg.batch_size}x{tcfg.seq_len})",
+            f"{cps:,.0f} chars/s, {gflops:.0f} GFLOPS, MFU {gflops / best_peak:.0%} of best peak")
+
+    ref_cps = ref_sample = None
+    if a.ref.exists():
+        runs = [ref_run(a.ref, a.corpus, "bench", ["--steps", str(a.steps * 2 + 5)]) for _ in range(a.repeats)]
+        ref_cps = statistics.median(r["chars_s"] for r in runs)
+        row("ref_lstm.py train 2x512 fp32 (batch 64x128)", f"{ref_cps:,.0f} chars/s")
+        ref_sample = ref_run(a.ref, a.corpus, "sample", [])["carried_2000_chars_s"]
+        row("ref_lstm.py sample, one stream", f"{ref_sample:,.0f} chars/s")
+
+    one = sample_throughput(reference, 1, a.sample_length, a.repeats)
+    many = sample_throughput(reference, 64, a.sample_length // 2, a.repeats)
+    row("rnngen sample 2x512, one stream", f"{one:,.0f} chars/s")
+    row("rnngen sample 2x512, 64 streams (total)", f"{many:,.0f} chars/s")
+    if ref_cps:
+        row("ratio: train 2x512 rnngen / ref", f"{results['2x512'] / ref_cps:.2f}x")
+        row("ratio: sample one stream rnngen / ref", f"{one / ref_sample:.2f}x")
+        row("ratio: sample 64 streams rnngen / ref one stream", f"{many / ref_sample:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Untrusted files and interrupted writes: nothing runs code, nothing is half-written."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+from rnngen.checkpoint import atomic_write, load_trainer_state
+from rnngen.cli import app
+from rnngen.errors import ModelError
+
+from conftest import TINY_FLAGS
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_pickle_payload_in_trainer_state_never_runs(tmp_path):
+    target = tmp_path / "pwned"
+    (tmp_path / "trainer.pt").write_bytes(pickle.dumps({"model": Payload(str(target))}))
+    with pytest.raises(ModelError, match="trainer.pt"):
+        load_trainer_state(tmp_path)
+    assert not target.exists()
+
+
+def test_resume_with_payload_is_a_clean_error(runner, songs_file, tmp_path):
+    out = tmp_path / "m"
+    assert runner.invoke(app, ["train", str(songs_file), "--out", str(out), "--max-steps", "3", *TINY_FLAGS]).exit_code == 0
+    target = tmp_path / "pwned"
+    (out / "trainer.pt").write_bytes(pickle.dumps(Payload(str(target))))
+    result = runner.invoke(app, ["train", str(songs_file), "--out", str(out), "--resume", "--max-steps", "6", "-q"])
+    assert result.exit_code == 1 and "trainer.pt" in result.stderr and "Traceback" not in result.stderr
+    assert not target.exists()
+
+
+def test_failed_write_leaves_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    atomic_write(path, b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(ModelError, match="No space left"):
+        atomic_write(path, b"new" * 1000)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no temporary left behind
+
+
+def test_unwritable_output_is_a_clean_error(runner, songs_file, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = runner.invoke(app, ["train", str(songs_file), "--out", str(blocker / "m"), "--max-steps", "2", *TINY_FLAGS])
+    assert result.exit_code == 1 and result.stderr.startswith("Error: cannot create")
+
+
+def test_second_training_of_same_directory_is_refused(runner, songs_file, tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "train.lock").write_text(str(sleeper.pid))
+        result = runner.invoke(app, ["train", str(songs_file), "--out", str(out), "--max-steps", "2", *TINY_FLAGS])
+        assert result.exit_code == 1 and str(sleeper.pid) in result.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the owner is gone: its stale lock is taken over
+    result = runner.invoke(app, ["train", str(songs_file), "--out", str(out), "--max-steps", "2", *TINY_FLAGS])
+    assert result.exit_code == 0, result.stderr
+    assert not (out / "train.lock").exists()
+
+
+def test_resume_with_another_corpus_is_refused(runner, songs_file, tmp_path):
+    out = tmp_path / "m"
+    assert runner.invoke(app, ["train", str(songs_file), "--out", str(out), "--max-steps", "3", *TINY_FLAGS]).exit_code == 0
+    other = tmp_path / "other.txt"
+    other.write_text("完全不同的歌\n另一首\n", encoding="utf-8")
+    result = runner.invoke(app, ["train", str(other), "--out", str(out), "--resume", "--max-steps", "6", "-q"])
+    assert result.exit_code == 1 and "differs" in result.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(songs_file, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-m", "rnngen", "train", str(songs_file), "--out", str(out), "--max-steps", "100000",
+           "--time-limit", "0", "--patience", "0", *TINY_FLAGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "trainer.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert not (out / "train.lock").exists()
+    import re
+
+    stopped_at = int(re.search(r"Interrupted at step (\d+)", err)[1])
+    result = subprocess.run([*cmd[:4], str(songs_file), "--out", str(out), "--resume", "--max-steps",
+                             str(stopped_at + 2), "-q"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["result"]["steps"] == stopped_at + 2

@@ -1,0 +1,49 @@
+"""Rebuild the bundled model in models/songci from the public-domain 全宋词 corpus.
+
+    python tools/make_bundled.py PATH/TO/songci.txt [--minutes 15]
+
+Trains with rnngen's own code, then keeps only what sampling needs, with the weights stored as
+float16 (the loader turns them back into float32) so the model stays well under 15 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from rnngen.checkpoint import CONFIG_FILE, METRICS_FILE, TRAINER_FILE, WEIGHTS_FILE
+from rnngen.config import TrainConfig
+from rnngen.data import read_corpus
+from rnngen.train import train
+
+OUT = Path(__file__).resolve().parent.parent / "models" / "songci"
+MODEL = {"rnn_type": "lstm", "num_layers": 2, "hidden_size": 384, "embedding_dim": 128, "dropout": 0.1,
+         "tie_weights": False}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("corpus", type=Path)
+    p.add_argument("--minutes", type=float, default=15.0)
+    a = p.parse_args()
+    corpus = read_corpus([str(a.corpus)])
+    for f in OUT.glob("*"):
+        f.unlink()
+    result = train(corpus, OUT, MODEL, TrainConfig(time_limit=a.minutes * 60, patience=0),
+                   on_progress=lambda kind, info: print(kind, info, flush=True) if kind in ("start", "eval") else None)
+    weights = {k: v.half() for k, v in load_file(OUT / WEIGHTS_FILE).items()}
+    save_file(weights, OUT / WEIGHTS_FILE)
+    (OUT / TRAINER_FILE).unlink()
+    (OUT / METRICS_FILE).unlink()
+    meta = json.loads((OUT / CONFIG_FILE).read_text(encoding="utf-8"))
+    meta["corpus"]["sources"] = [a.corpus.name]  # not this machine's path
+    (OUT / CONFIG_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
+    size = sum(f.stat().st_size for f in OUT.iterdir())
+    print(f"{OUT}: {size / 1e6:.1f} MB, best validation {result.best_val_bpc:.3f} bits/char after {result.steps} steps")
+
+
+if __name__ == "__main__":
+    main()
