@@ -119,6 +119,7 @@ def train(
     name: Optional[str] = typer.Option(None, "--name", help="Model name: saved to models/NAME. Default: the corpus file's name."),
     out: Optional[Path] = typer.Option(None, "--out", help="Model directory to write (instead of models/NAME)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in the model directory exactly where it stopped."),
+    fine_tune: bool = typer.Option(False, "--fine-tune", help="With --resume: continue on a different corpus on purpose (the vocabulary stays; characters it lacks read as unknown)."),
     force: bool = typer.Option(False, "--force", help="Start over even if the model directory already holds a model."),
     encoding: str = typer.Option("utf-8", "--encoding", help="Text encoding of the corpus, e.g. gbk, big5, utf-16."),
     tokenizer: str = typer.Option(_T.tokenizer, "--tokenizer", help="char: one Unicode character per token; spm: SentencePiece subwords."),
@@ -135,7 +136,7 @@ def train(
     lr: float = typer.Option(_T.lr, "--lr", help="Peak learning rate (AdamW)."),
     weight_decay: float = typer.Option(_T.weight_decay, "--weight-decay", help="AdamW weight decay on weight matrices."),
     warmup_steps: int = typer.Option(_T.warmup_steps, "--warmup-steps", help="Steps of linear learning-rate warm-up."),
-    lr_schedule: str = typer.Option(_T.lr_schedule, "--lr-schedule", help="cosine (decay over the step/epoch/time budget), plateau (halve when validation stalls) or constant."),
+    lr_schedule: str = typer.Option(_T.lr_schedule, "--lr-schedule", help="wsd (hold the peak, then a cosine decay over the last 25% of the step/epoch/time budget), cosine (decay over the whole budget), plateau (halve when validation stalls) or constant."),
     grad_clip: float = typer.Option(_T.grad_clip, "--grad-clip", help="Clip the global gradient norm to this."),
     val_fraction: float = typer.Option(_T.val_fraction, "--val-fraction", help="Share of songs held out for validation (0 for none)."),
     eval_every: int = typer.Option(_T.eval_every, "--eval-every", help="Validate (and checkpoint) every N steps."),
@@ -156,7 +157,7 @@ def train(
         _check_choice("--tokenizer", tokenizer, TOKENIZERS)
         _check_choice("--rnn-type", rnn_type, RNN_TYPES)
         _check_choice("--spm-model-type", spm_model_type, ("bpe", "unigram"))
-        _check_choice("--lr-schedule", lr_schedule, ("cosine", "plateau", "constant"))
+        _check_choice("--lr-schedule", lr_schedule, ("wsd", "cosine", "plateau", "constant"))
         for flag, value, low in (("--layers", layers, 1), ("--hidden-size", hidden_size, 1), ("--embedding-dim", embedding_dim, 1),
                                  ("--batch-size", batch_size, 1), ("--seq-len", seq_len, 1), ("--eval-every", eval_every, 1),
                                  ("--vocab-size", vocab_size, 8), ("--warmup-steps", warmup_steps, 0)):
@@ -171,7 +172,7 @@ def train(
                                      param_hint="--tie-weights")
         if lr <= 0 or grad_clip <= 0:
             raise typer.BadParameter("--lr and --grad-clip must be positive")
-        for flag, value in (("--max-steps", max_steps), ("--epochs", epochs), ("--patience", patience)):
+        for flag, value in (("--max-steps", max_steps), ("--epochs", epochs), ("--patience", patience), ("--seed", seed)):
             if value is not None and value < 0:
                 raise typer.BadParameter(f"must not be negative (got {value})", param_hint=flag)
         _set_threads(threads)
@@ -182,6 +183,7 @@ def train(
         overrides = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "patience": patience,
                                        "time_limit": _seconds(time_limit)}.items() if v is not None}
         overrides = {k: (v or None) if k != "patience" else v for k, v in overrides.items()}  # 0 = no limit
+        resume = resume or fine_tune
         out_dir = _model_dir(corpus, name, out)
         _check_out_dir(out_dir, resume, force)
         text = read_corpus(corpus, encoding)
@@ -194,7 +196,8 @@ def train(
                          "embedding_dim": embedding_dim, "dropout": dropout, "tie_weights": tie_weights}
         stop = _StopFlag()
         with TrainDisplay(enabled=not quiet) as display, stop.installed():
-            result = run_training(text, out_dir, model_options, config, resume=resume, budget_overrides=overrides,
+            result = run_training(text, out_dir, model_options, config, resume=resume, fine_tune=fine_tune,
+                                  budget_overrides=overrides,
                                   device=device, on_progress=display.update, should_stop=stop)
         if result.stop_reason == "interrupted":
             again = " ".join(["rnngen", "train", *corpus, "--out", str(out_dir), "--resume"])
@@ -265,7 +268,7 @@ class TrainDisplay:
         from rich.console import Console
 
         self.enabled = enabled
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)
         self.progress = None
         self.val_bpc = "-"
 
@@ -318,13 +321,19 @@ class TrainDisplay:
 def sample(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or a name under models/. Default: the most recently trained, else the bundled one."),
     seed: str = typer.Option("", "--seed", "-s", help="Text to continue (printed first). Default: start a new song."),
-    length: int = typer.Option(200, "--length", "-n", help="Characters to generate after the seed."),
+    length: Optional[int] = typer.Option(None, "--length", "-n", help="Characters to generate after the seed. [default: 200; with --lines, --songs or --acrostic: no limit but 20000]"),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="Below 1: safer, above 1: wilder; 0: always the likeliest (greedy)."),
     top_k: int = typer.Option(0, "--top-k", help="Sample only from the k likeliest tokens (0: no limit)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Sample only from the likeliest tokens whose probabilities add up to p (1: no limit)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Number of samples, generated together in one batch."),
     random_seed: Optional[int] = typer.Option(None, "--random-seed", help="Seed for the sampler: the same seed gives the same text. Default: random."),
     stop_at_end: bool = typer.Option(False, "--stop-at-end", help="End a sample when the model ends the song (it may then be shorter than --length)."),
+    lines: Optional[int] = typer.Option(None, "--lines", help="Write exactly N lines (char models)."),
+    line_length: Optional[str] = typer.Option(None, "--line-length", help="Characters per line: 7, or a pattern such as 5,7,5 repeated over the lines (char models)."),
+    songs: Optional[int] = typer.Option(None, "--songs", help="Write K whole songs, each ended by the model's end-of-song token."),
+    acrostic: str = typer.Option("", "--acrostic", help="藏头: line i starts with the i-th of these characters, e.g. 春夏秋冬 (char models)."),
+    rhyme: str = typer.Option("", "--rhyme", help="押韵 scheme such as AABB, ABAB or AAAA: lines with the same letter end in characters whose pinyin finals rhyme (needs --line-length)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Above 1 makes characters already in the sample less likely (1: off)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per sample (text, settings, seeds) instead of plain text."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or auto."),
     device: str = typer.Option("cpu", "--device", help="cpu (fastest for one stream), auto, cuda or mps."),
@@ -333,12 +342,18 @@ def sample(
     """Continue --seed with generated text, streamed to stdout."""
     with _errors_to_exit():
         _set_threads(threads)
+        from rnngen.constraints import Structure, parse_line_lengths
         from rnngen.sample import SampleRequest, generate
         from rnngen.sampler import SamplingSettings
 
+        structure = Structure(lines=lines, line_lengths=parse_line_lengths(line_length), acrostic=acrostic,
+                              rhyme=rhyme, repetition_penalty=repetition_penalty)
+        if length is None:
+            length = 20_000 if (structure.shapes_lines or songs) else 200
         request = SampleRequest(
             seed_text=seed, length=length, settings=SamplingSettings(temperature, top_k, top_p),
-            num_samples=num_samples, random_seed=random_seed, stop_at_end=stop_at_end,
+            num_samples=num_samples, random_seed=random_seed, stop_at_end=stop_at_end, songs=songs,
+            structure=structure,
         )
         if length < 1 or num_samples < 1:
             request.validate(1 << 30)  # fail before loading the model

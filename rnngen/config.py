@@ -34,11 +34,13 @@ class TrainConfig:
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 0.01
     warmup_steps: int = 10
-    lr_schedule: str = "cosine"  # cosine | plateau | constant
-    min_lr_ratio: float = 0.05  # cosine decays to lr * this
+    lr_schedule: str = "wsd"  # wsd (hold, then cosine over the last part) | cosine | plateau | constant
+    decay_fraction: float = 0.25  # wsd: share of the budget spent decaying
+    min_lr_ratio: float = 0.02  # the decay ends at lr * this
     grad_clip: float = 1.0  # max global gradient norm
     val_fraction: float = 0.1  # share of songs (or of the text) held out
     eval_every: int = 50  # optimizer steps between validations
+    val_tokens: int = 200_000  # validation during training reads at most this many tokens
     patience: int = 6  # evaluations without improvement before stopping (0 = never)
     max_steps: int | None = None
     epochs: float | None = None

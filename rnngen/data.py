@@ -116,15 +116,6 @@ def count_chars(songs: list[str]) -> int:
     return sum(len(s) for s in songs) + len(songs)
 
 
-def encode_songs(songs: list[str], encode, eos_id: int) -> torch.Tensor:
-    """One flat int64 stream: song, eos, song, eos, ..."""
-    ids: list[int] = []
-    for song in songs:
-        ids.extend(encode(song))
-        ids.append(eos_id)
-    return torch.tensor(ids, dtype=torch.long)
-
-
 @dataclass
 class Position:
     epoch: int = 0

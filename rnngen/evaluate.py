@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from rnngen.checkpoint import LoadedModel
-from rnngen.data import Corpus, count_chars, encode_songs, read_corpus, split_songs, train_val_split
+from rnngen.data import Corpus, count_chars, read_corpus, split_songs, train_val_split
 from rnngen.device import autocast
 from rnngen.errors import CorpusError
 from rnngen.model import sum_nll
@@ -33,7 +33,7 @@ def evaluate_songs(loaded: LoadedModel, songs: list[str], source: str, dtype: to
     tok = loaded.tokenizer
     if not songs:
         raise CorpusError(f"nothing to evaluate in {source}")
-    ids = torch.cat([torch.tensor([tok.eos_id]), encode_songs(songs, tok.encode, tok.eos_id)])
+    ids = torch.cat([torch.tensor([tok.eos_id]), tok.encode_songs(songs)])
     device = next(loaded.model.parameters()).device
     nats, n = sum_nll(loaded.model, ids, amp=autocast(device, dtype))
     chars = count_chars(songs)

@@ -9,8 +9,12 @@ from typing import Iterator
 import torch
 
 from rnngen.checkpoint import LoadedModel
+from rnngen.constraints import LyricsConstraint, Structure
 from rnngen.errors import UsageError
 from rnngen.sampler import SamplingSettings, generate_ids
+
+
+MAX_SAMPLES = 10_000  # streams in one batch; more would only exhaust memory
 
 
 @dataclass
@@ -21,13 +25,17 @@ class SampleRequest:
     num_samples: int = 1  # streams generated together in one batch
     random_seed: int | None = None  # None draws one; the same seed gives the same text
     stop_at_end: bool = False  # end a sample at the model's end-of-song token
+    songs: int | None = None  # write this many whole songs, each ended by the model
+    structure: Structure = field(default_factory=Structure)  # lines, line lengths, acrostic, rhyme
 
     def validate(self, vocab_size: int) -> None:
         s = self.settings
         if self.length < 1:
             raise UsageError(f"--length must be at least 1 (got {self.length})")
-        if self.num_samples < 1:
-            raise UsageError(f"--num-samples must be at least 1 (got {self.num_samples})")
+        if not 1 <= self.num_samples <= MAX_SAMPLES:
+            raise UsageError(f"--num-samples must be between 1 and {MAX_SAMPLES} (got {self.num_samples})")
+        if self.random_seed is not None and not 0 <= self.random_seed < 2**63:
+            raise UsageError(f"--random-seed must be a non-negative integer (got {self.random_seed})")
         if s.temperature < 0 or s.temperature != s.temperature:
             raise UsageError(f"--temperature must be 0 (greedy) or more (got {s.temperature})")
         if s.top_k < 0:
@@ -36,6 +44,10 @@ class SampleRequest:
             raise UsageError(f"--top-k {s.top_k} is larger than the model's vocabulary ({vocab_size} tokens)")
         if not 0 < s.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1] (got {s.top_p})")
+        if self.songs is not None and self.songs < 1:
+            raise UsageError(f"--songs must be at least 1 (got {self.songs})")
+        if self.structure.acrostic and self.seed_text:
+            raise UsageError("--acrostic chooses how the song starts; leave out --seed")
 
 
 def resolve_seed(request: SampleRequest) -> int:
@@ -54,20 +66,33 @@ def generate(loaded: LoadedModel, request: SampleRequest) -> Iterator[tuple[int,
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(resolve_seed(request))
     n = request.num_samples
-    prompt = [tok.eos_id, *tok.encode(request.seed_text)]  # a seed starts a song
+    seed_ids = tok.encode(request.seed_text)
+    prompt = [tok.eos_id, *seed_ids]  # a seed starts a song
     banned = (tok.unk_id,) if tok.unk_id != tok.eos_id else ()
+    constraint = LyricsConstraint(request.structure, tok, n) if request.structure.active else None
+    if constraint is not None and seed_ids:
+        for token in seed_ids:  # the seed's characters count towards the first line
+            constraint.update(torch.tensor([token] * n))
     decoders = [tok.stream_decoder() for _ in range(n)]
     remaining = [request.length] * n
+    songs_left = [request.songs or 0] * n
     if request.seed_text:
         for i in range(n):
             yield i, request.seed_text
     max_tokens = request.length * 4 + 8  # a byte-fallback token can carry a quarter of a character
-    for ids in generate_ids(model, prompt, max_tokens, request.settings, generator, batch=n, banned=banned):
+    steps = generate_ids(model, prompt, max_tokens, request.settings, generator, batch=n, banned=banned,
+                         constraint=constraint)
+    for ids in steps:
         for i, token in enumerate(ids.tolist()):
             if remaining[i] <= 0:
                 continue
-            if request.stop_at_end and token == tok.eos_id:
-                remaining[i] = 0
+            if token == tok.eos_id and (request.stop_at_end or request.songs):
+                songs_left[i] -= 1
+                if request.stop_at_end or songs_left[i] <= 0:
+                    remaining[i] = 0
+                    continue
+            if constraint is not None and constraint.done(i):
+                remaining[i] = 0  # the line break that ended the last line is not part of the text
                 continue
             text = decoders[i].push(token)[: remaining[i]]
             remaining[i] -= len(text)

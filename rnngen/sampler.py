@@ -44,11 +44,13 @@ def generate_ids(
     generator: torch.Generator | None = None,
     batch: int = 1,
     banned: tuple[int, ...] = (),
+    constraint=None,
 ) -> Iterator[torch.Tensor]:
     """Yield (batch,) tensors of new token ids, one per step, continuing `prompt` in every stream.
 
     The prompt runs through the model once; after that each token costs one step() (the state is
-    carried, the prefix is never re-read).
+    carried, the prefix is never re-read). A `constraint` (constraints.LyricsConstraint) may mask
+    each step's logits and is told which tokens were chosen.
     """
     model.eval()
     model.prepare_step()
@@ -58,8 +60,13 @@ def generate_ids(
     logits = logits[:, -1]
     state = model.step_state(state, batch, device)
     for _ in range(max_tokens):
+        logits = logits.float()
         if banned:
             logits[:, list(banned)] = float("-inf")
+        if constraint is not None:  # song structure: see constraints.py
+            logits = constraint.mask(logits)
         ids = choose(logits, settings, generator)
+        if constraint is not None:
+            constraint.update(ids)
         yield ids
         logits, state = model.step(ids, state)

@@ -6,9 +6,11 @@ import codecs
 import io
 import json
 import re
-from collections import Counter
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 from rnngen.errors import CorpusError, ModelError
 
@@ -28,6 +30,7 @@ class Tokenizer(Protocol):
     eos_id: int  # end of song: separates documents, stops sampling
 
     def encode(self, text: str) -> list[int]: ...
+    def encode_songs(self, songs: list[str]) -> "torch.Tensor": ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def missing(self, text: str) -> set[str]: ...
     def stream_decoder(self) -> StreamDecoder: ...
@@ -41,20 +44,37 @@ class CharTokenizer:
     unk_id, eos_id = 0, 1
 
     def __init__(self, chars: list[str]):
+        import torch
+
         self.itos = [UNK, EOS, *chars]
         self.stoi = {c: i for i, c in enumerate(self.itos) if i >= 2}
         self.vocab_size = len(self.itos)
+        codes = torch.tensor([ord(c) for c in chars], dtype=torch.int32)
+        order = torch.argsort(codes)
+        self._sorted_codes, self._sorted_ids = codes[order], order + 2  # for vectorised encoding
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> "CharTokenizer":
-        counts: Counter[str] = Counter()
-        for text in texts:
-            counts.update(text)
-        return cls(sorted(counts))
+        import torch
+
+        seen = torch.unique(torch.cat([_codepoints(t) for t in texts] or [_codepoints("")]))
+        return cls([chr(c) for c in seen.tolist() if c != 0])
 
     def encode(self, text: str) -> list[int]:
         get = self.stoi.get
         return [get(c, 0) for c in text]
+
+    def encode_songs(self, songs: list[str]) -> "torch.Tensor":
+        """song, eos, song, eos, ... as int64, without a Python step per character."""
+        import torch
+
+        cps = _codepoints("\0".join(songs) + "\0")  # NUL never occurs in a corpus: it marks song ends
+        if not len(self._sorted_codes):
+            return torch.where(cps == 0, self.eos_id, self.unk_id).long()
+        pos = torch.searchsorted(self._sorted_codes, cps).clamp_(max=len(self._sorted_codes) - 1)
+        ids = torch.where(self._sorted_codes[pos] == cps, self._sorted_ids[pos], self.unk_id)
+        ids[cps == 0] = self.eos_id
+        return ids.long()
 
     def decode(self, ids: Iterable[int]) -> str:
         itos = self.itos
@@ -81,6 +101,13 @@ class CharTokenizer:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"cannot read tokenizer {path}: {exc}") from None
         return cls(chars)
+
+
+def _codepoints(text: str) -> "torch.Tensor":
+    import torch
+
+    raw = bytearray(text.encode("utf-32-le"))
+    return torch.frombuffer(raw, dtype=torch.int32) if raw else torch.empty(0, dtype=torch.int32)
 
 
 class _CharStream:
@@ -131,6 +158,15 @@ class SpmTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
+
+    def encode_songs(self, songs: list[str]) -> "torch.Tensor":
+        import torch
+
+        ids: list[int] = []
+        for piece in self.sp.encode(songs):
+            ids.extend(piece)
+            ids.append(self.eos_id)
+        return torch.tensor(ids, dtype=torch.long)
 
     def decode(self, ids: Iterable[int]) -> str:
         out, run = [], []

@@ -16,7 +16,7 @@ from rnngen.checkpoint import (
     write_config,
 )
 from rnngen.config import ModelConfig, TrainConfig
-from rnngen.data import BatchStream, Corpus, Position, count_chars, encode_songs, train_val_split
+from rnngen.data import BatchStream, Corpus, Position, count_chars, train_val_split
 from rnngen.device import autocast, pick_device, pick_dtype
 from rnngen.errors import CorpusError, ModelError, UsageError
 from rnngen.model import RNNLM, sum_nll
@@ -38,8 +38,10 @@ class TrainResult:
 
 def lr_factor(cfg: TrainConfig, step: int, progress: float, plateau_scale: float) -> float:
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
-    if cfg.lr_schedule == "cosine":
-        p = min(1.0, progress)
+    if cfg.lr_schedule in ("cosine", "wsd"):
+        # wsd: hold the peak, then the same cosine decay compressed into the last part of the budget
+        start = 1.0 - cfg.decay_fraction if cfg.lr_schedule == "wsd" else 0.0
+        p = min(1.0, max(0.0, progress - start) / (1.0 - start))
         return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
     if cfg.lr_schedule == "plateau":
         return warm * plateau_scale
@@ -84,6 +86,7 @@ def _train(
     config: TrainConfig,
     *,
     resume: bool = False,
+    fine_tune: bool = False,
     budget_overrides: dict[str, Any] | None = None,
     device: str = "auto",
     on_progress: ProgressFn | None = None,
@@ -94,12 +97,15 @@ def _train(
     corpus_info = {"sha256": corpus.sha256, "bytes": corpus.size, "sources": corpus.sources, "encoding": corpus.encoding}
 
     saved: dict[str, Any] | None = None
+    new_corpus = False
     if resume:
         meta = read_config(out_dir)
-        if meta.get("corpus", {}).get("sha256") != corpus.sha256:
+        new_corpus = meta.get("corpus", {}).get("sha256") != corpus.sha256
+        if new_corpus and not fine_tune:
             raise CorpusError(
                 f"this corpus differs from the one {out_dir} was trained on (SHA-256 mismatch); "
-                "resume with the same text, or train a new model with --name"
+                "resume with the same text, add --fine-tune to continue on new text on purpose, "
+                "or train a new model with --name"
             )
         config = replace(TrainConfig.from_dict(meta["train"]), **(budget_overrides or {}))
         model_config = ModelConfig.from_dict(meta["model"])
@@ -126,12 +132,16 @@ def _train(
     else:
         model = RNNLM(model_config)
 
-    train_ids = encode_songs(train_songs, tokenizer.encode, tokenizer.eos_id)
-    val_ids = torch.cat([torch.tensor([tokenizer.eos_id]), encode_songs(val_songs, tokenizer.encode, tokenizer.eos_id)])
+    train_ids = tokenizer.encode_songs(train_songs)
+    val_ids = torch.cat([torch.tensor([tokenizer.eos_id]), tokenizer.encode_songs(val_songs)])
     val_chars = count_chars(val_songs)
+    val_chars_per_token = val_chars / max(1, val_ids.numel() - 1)  # bits/char from nats/token
+    val_eval_ids = val_ids[: config.val_tokens + 1]
     batches = BatchStream(train_ids, config.batch_size, config.seq_len, config.seed)
+    if saved is None:
+        model.init_output_bias(train_ids)
     model.to(dev)
-    opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
 
     step, elapsed, best, bad_evals, plateau_scale, hidden = 0, 0.0, math.inf, 0, 1.0, None
     if saved is not None:
@@ -145,9 +155,18 @@ def _train(
             if model_config.rnn_type != "lstm" and hidden is not None:
                 hidden = hidden[0]
             torch.set_rng_state(saved["rng"])
+            if new_corpus:  # fine-tuning: same weights and optimizer, new text from its start
+                batches.pos, hidden, best, bad_evals = Position(), None, math.inf, 0
         except (KeyError, TypeError, RuntimeError, ValueError) as exc:
             raise UsageError(f"cannot resume from {out_dir}/trainer.pt: it does not match this model ({exc})") from None
 
+    if resume and new_corpus:
+        unknown = int((train_ids == tokenizer.unk_id).sum())
+        emit("info", {"message": f"fine-tuning on new text: {unknown:,} of its {train_ids.numel():,} training tokens "
+                                 "are outside the model's vocabulary and read as unknown"})
+        meta = read_config(out_dir)
+        meta["corpus"], meta["fine_tuned_from_corpus"] = corpus_info, meta.get("corpus")
+        write_config(out_dir, meta)
     amp = autocast(dev, dtype)
     chars_per_token = count_chars(train_songs) / max(1, train_ids.numel())
     total_steps = _total_steps(config, batches.windows_per_epoch)
@@ -178,9 +197,9 @@ def _train(
                                   "elapsed": round(elapsed, 1), "train_loss": round(train_loss, 4),
                                   "lr": opt.param_groups[0]["lr"], "chars_per_sec": round(chars_per_sec)}
         if val_chars:
-            nats, n = sum_nll(model, val_ids, amp=amp)
+            nats, n = sum_nll(model, val_eval_ids, amp=amp)
             val_loss = nats / n
-            record.update(val_loss=round(val_loss, 4), val_bpc=round(nats / val_chars / math.log(2), 4))
+            record.update(val_loss=round(val_loss, 4), val_bpc=round(val_loss / val_chars_per_token / math.log(2), 4))
         else:  # no held-out text: the latest weights are the best we know
             val_loss = -step
         if val_loss < best - 1e-4:  # a real improvement, not float noise
@@ -247,12 +266,10 @@ def _train(
     best_loss = best if val_chars and best < math.inf else None
     best_bpc = None
     if best_loss is not None:
-        best_bpc = best_loss * (val_ids.numel() - 1) / val_chars / math.log(2)
+        best_bpc = best_loss / val_chars_per_token / math.log(2)
     meta = read_config(out_dir)
     meta["result"] = {"steps": step, "stop_reason": stop_reason, "best_val_loss": best_loss,
                       "best_val_bpc": best_bpc, "train_seconds": round(elapsed, 1)}
-    meta.pop("format_version", None)
-    meta.pop("rnngen_version", None)
     write_config(out_dir, meta)
     emit("done", {"steps": step, "stop_reason": stop_reason, "best_val_bpc": best_bpc})
     return TrainResult(out_dir, step, stop_reason, best_loss, best_bpc)

@@ -84,7 +84,7 @@ def test_train_prints_model_dir_and_logs_to_stderr(runner, songs_file, tmp_path,
     assert "Done" in result.stderr
     # the newest model is the default for sampling and evaluation
     again = runner.invoke(app, ["sample", "--length", "5", "--random-seed", "1"])
-    assert again.exit_code == 0 and len(again.stdout.strip()) == 5
+    assert again.exit_code == 0 and len(again.stdout.removesuffix("\n")) == 5
 
 
 def test_train_refuses_to_overwrite(runner, songs_file, tmp_path):

@@ -1,0 +1,173 @@
+"""Song structure as constrained decoding: line counts and lengths, acrostics, rhyme, repetition.
+
+Each rule only masks or reshapes the next token's logits, so it can never loop: a forced token is
+the only choice left, a banned one has probability zero. Works on character-level models.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+from rnngen.errors import UsageError
+from rnngen.tokenizer import CharTokenizer
+
+_NEG = float("-inf")
+
+
+@dataclass
+class Structure:
+    lines: int | None = None  # stop after this many lines
+    line_lengths: list[int] = field(default_factory=list)  # characters per line, cycled (e.g. 5,7,5)
+    acrostic: str = ""  # line i starts with acrostic[i]
+    rhyme: str = ""  # scheme such as AABB, ABAB, AAAA (cycled); needs line_lengths
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sample (CTRL-style)
+
+    @property
+    def shapes_lines(self) -> bool:
+        return bool(self.lines is not None or self.line_lengths or self.acrostic or self.rhyme)
+
+    @property
+    def active(self) -> bool:
+        return self.shapes_lines or self.repetition_penalty != 1.0
+
+    def total_lines(self) -> int | None:
+        return self.lines or (len(self.acrostic) if self.acrostic else None)
+
+
+def parse_line_lengths(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        lengths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--line-length takes a number or a pattern such as 5,7,5 (got {text!r})") from None
+    if any(n < 1 for n in lengths):
+        raise UsageError(f"--line-length must be at least 1 character per line (got {text!r})")
+    return lengths
+
+
+class LyricsConstraint:
+    """Per-stream state for the rules in a Structure; plugs into sampler.generate_ids."""
+
+    def __init__(self, structure: Structure, tokenizer, batch: int):
+        s = structure
+        if s.rhyme and not re.fullmatch(r"[A-Za-z]+", s.rhyme):
+            raise UsageError(f"--rhyme takes a scheme of letters such as AABB, ABAB or AAAA (got {s.rhyme!r})")
+        if s.rhyme and not s.line_lengths:
+            raise UsageError("--rhyme needs --line-length, so the rhyming character's place is known")
+        if s.repetition_penalty <= 0:
+            raise UsageError(f"--repetition-penalty must be positive (got {s.repetition_penalty})")
+        if s.lines is not None and s.lines < 1:
+            raise UsageError(f"--lines must be at least 1 (got {s.lines})")
+        if s.shapes_lines:
+            if not isinstance(tokenizer, CharTokenizer):
+                raise UsageError("--lines, --line-length, --acrostic and --rhyme need a model with --tokenizer char")
+            if "\n" not in tokenizer.stoi:
+                raise UsageError("this model never saw a line break, so it cannot write lines")
+        lacking = tokenizer.missing(s.acrostic) if s.acrostic else set()
+        if lacking:
+            raise UsageError(f"--acrostic characters {''.join(sorted(lacking))!r} are not in the model's vocabulary")
+        self.s, self.tok, self.batch = s, tokenizer, batch
+        self.newline = tokenizer.stoi.get("\n", -1) if isinstance(tokenizer, CharTokenizer) else -1
+        self.line = [0] * batch
+        self.col = [0] * batch
+        self.last = [-1] * batch
+        self.rhymes: list[dict[tuple[int, str], set[str]]] = [{} for _ in range(batch)]
+        self.history: list[list[int]] = [[] for _ in range(batch)]
+        self.keys = _rhyme_keys(tuple(tokenizer.itos)) if s.rhyme else []
+        if s.rhyme:
+            self.rhymable = torch.tensor([bool(k) for k in self.keys])
+
+    def done(self, b: int) -> bool:
+        total = self.s.total_lines()
+        return total is not None and self.line[b] >= total
+
+    def _length(self, b: int) -> int | None:
+        lengths = self.s.line_lengths
+        return lengths[self.line[b] % len(lengths)] if lengths else None
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (batch, vocab) -> the same, with the rules applied (in place)."""
+        s = self.s
+        for b in range(self.batch):
+            if s.repetition_penalty != 1.0 and self.history[b]:
+                seen = torch.tensor(sorted(set(self.history[b][-64:])))
+                row = logits[b, seen]
+                logits[b, seen] = torch.where(row > 0, row / s.repetition_penalty, row * s.repetition_penalty)
+            if not s.shapes_lines or self.done(b):
+                continue
+            length, col = self._length(b), self.col[b]
+            if s.acrostic and col == 0 and self.line[b] < len(s.acrostic):
+                _force(logits[b], self.tok.stoi[s.acrostic[self.line[b]]])
+            elif length is not None and col >= length:
+                _force(logits[b], self.newline)
+            else:
+                logits[b, self.tok.eos_id] = _NEG  # the song goes on until its lines are done
+                if length is not None or col == 0:
+                    logits[b, self.newline] = _NEG  # no short lines, no empty lines
+                if s.rhyme and length is not None and col == length - 1:
+                    self._rhyme_mask(b, logits[b])
+        return logits
+
+    def _rhyme_mask(self, b: int, row: torch.Tensor) -> None:
+        group = self._group(b)
+        wanted = self.rhymes[b].get(group)
+        if wanted:
+            allowed = torch.tensor([bool(k & wanted) for k in self.keys])
+        else:
+            allowed = self.rhymable  # the group's first line: any character with a pinyin final
+        if allowed.any():
+            row.masked_fill_(~allowed, _NEG)
+
+    def _group(self, b: int) -> tuple[int, str]:
+        scheme = self.s.rhyme.upper()
+        stanza, pos = divmod(self.line[b], len(scheme))
+        return stanza, scheme[pos]
+
+    def update(self, ids: torch.Tensor) -> None:
+        for b, token in enumerate(ids.tolist()):
+            self.history[b].append(token)
+            if token == self.newline:
+                if self.s.rhyme and self.last[b] >= 0:
+                    self.rhymes[b].setdefault(self._group(b), set(self.keys[self.last[b]]))
+                self.line[b] += 1
+                self.col[b] = 0
+            else:
+                self.col[b] += 1
+            self.last[b] = token
+
+
+def _force(row: torch.Tensor, token: int) -> None:
+    keep = row[token].clone() if torch.isfinite(row[token]) else torch.tensor(0.0)
+    row.fill_(_NEG)
+    row[token] = keep
+
+
+@lru_cache(maxsize=4)
+def _rhyme_keys(itos: tuple[str, ...]) -> list[frozenset[str]]:
+    """Each token's possible rhymes: pinyin finals of all its readings (heteronyms), glide removed."""
+    try:
+        from pypinyin import Style, pinyin
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise UsageError("--rhyme needs the pypinyin package: pip install pypinyin") from None
+    keys = []
+    for token in itos:
+        if len(token) != 1 or not ("\u4e00" <= token <= "\u9fff" or "\u3400" <= token <= "\u4dbf"):
+            keys.append(frozenset())
+            continue
+        finals = pinyin(token, style=Style.FINALS, heteronym=True, strict=False)[0]
+        keys.append(frozenset(_rhyme_of(f) for f in finals if f and f != token))
+    return keys
+
+
+def _rhyme_of(final: str) -> str:
+    """Finals that rhyme in song share what follows the glide: iang/uang/ang -> ang, ian/uan -> an."""
+    final = final.replace("ü", "v")
+    if len(final) > 1 and final[0] in "iuv" and final not in ("in", "un", "vn", "ui", "iu", "ing", "ie", "ve", "ue"):
+        final = final[1:]
+    return {"ie": "e", "ve": "e", "ue": "e", "ui": "ei", "iu": "ou", "un": "en", "vn": "en", "in": "en",
+            "ing": "eng", "o": "uo", "uo": "uo"}.get(final, final)
