@@ -194,11 +194,16 @@ def train(
         )
         model_options = {"rnn_type": rnn_type, "num_layers": layers, "hidden_size": hidden_size,
                          "embedding_dim": embedding_dim, "dropout": dropout, "tie_weights": tie_weights}
-        stop = _StopFlag()
-        with TrainDisplay(enabled=not quiet) as display, stop.installed():
+        from rnngen.distributed import process_rank
+
+        main = process_rank() == 0  # under torchrun, only rank 0 talks
+        stop = _StopFlag(announce=main)
+        with TrainDisplay(enabled=main and not quiet) as display, stop.installed():
             result = run_training(text, out_dir, model_options, config, resume=resume, fine_tune=fine_tune,
                                   budget_overrides=overrides,
                                   device=device, on_progress=display.update, should_stop=stop)
+        if not main:
+            raise typer.Exit(128 + stop.signum if result.stop_reason == "interrupted" else 0)
         if result.stop_reason == "interrupted":
             again = " ".join(["rnngen", "train", *corpus, "--out", str(out_dir), "--resume"])
             _err(f"Interrupted at step {result.steps}; checkpoint saved. Continue with: {again}")
@@ -239,8 +244,9 @@ def _check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
 class _StopFlag:
     """First Ctrl-C / SIGTERM: finish the step and save. Second: stop at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signum = 0
+        self.announce = announce
 
     def __call__(self) -> bool:
         return self.signum != 0
@@ -249,7 +255,8 @@ class _StopFlag:
         if self.signum:
             raise KeyboardInterrupt
         self.signum = signum
-        _err("\nStopping after this step and saving a checkpoint (press Ctrl-C again to stop at once)...")
+        if self.announce:
+            _err("\nStopping after this step and saving a checkpoint (press Ctrl-C again to stop at once)...")
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -300,7 +307,10 @@ class TrainDisplay:
             self.console.print(
                 f"Training {info['directory']}: {info['params']:,} parameters, vocabulary {info['vocab_size']:,}, "
                 f"{info['train_tokens']:,} training tokens, batch {info['batch_size']}x{info['seq_len']}, "
-                f"{info['device']} {info['precision']}, budget {budget}", style="dim", highlight=False)
+                f"{info['device']} {info['precision']}, budget {budget}"
+                + (f", {info['processes']} processes of {info['batch_size'] // info['processes']} streams each "
+                   f"(global batch {info['batch_size']}; the learning rate schedule is per global step)"
+                   if info["processes"] > 1 else ""), style="dim", highlight=False)
         elif kind == "step":
             self.progress.update(self.task, completed=min(1.0, info["progress"]) * 1000, step=info["step"],
                                  loss=f"{info['train_loss']:.3f}", cps=f"{info['chars_per_sec']:,.0f}", bpc=self.val_bpc)

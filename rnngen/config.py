@@ -40,7 +40,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     val_fraction: float = 0.1  # share of songs (or of the text) held out
     eval_every: int = 50  # optimizer steps between validations
-    val_tokens: int = 200_000  # validation during training reads at most this many tokens
+    val_tokens: int = 100_000  # validation during training reads at most this many tokens
     patience: int = 6  # evaluations without improvement before stopping (0 = never)
     max_steps: int | None = None
     epochs: float | None = None

@@ -73,9 +73,12 @@ class LyricsConstraint:
             raise UsageError(f"--acrostic characters {''.join(sorted(lacking))!r} are not in the model's vocabulary")
         self.s, self.tok, self.batch = s, tokenizer, batch
         self.newline = tokenizer.stoi.get("\n", -1) if isinstance(tokenizer, CharTokenizer) else -1
+        # punctuation and spaces do not count towards a line's length (7 characters means 7 words)
+        self.uncounted = torch.tensor([_uncounted(t) for t in tokenizer.itos]) if s.shapes_lines else None
         self.line = [0] * batch
         self.col = [0] * batch
         self.last = [-1] * batch
+        self.last_word = [-1] * batch  # the line's last counted character: the one that rhymes
         self.rhymes: list[dict[tuple[int, str], set[str]]] = [{} for _ in range(batch)]
         self.history: list[list[int]] = [[] for _ in range(batch)]
         self.keys = _rhyme_keys(tuple(tokenizer.itos)) if s.rhyme else []
@@ -101,11 +104,19 @@ class LyricsConstraint:
             if not s.shapes_lines or self.done(b):
                 continue
             length, col = self._length(b), self.col[b]
+            after_mark = self.last[b] >= 0 and self.last[b] != self.newline and bool(self.uncounted[self.last[b]])
             if s.acrostic and col == 0 and self.line[b] < len(s.acrostic):
                 _force(logits[b], self.tok.stoi[s.acrostic[self.line[b]]])
             elif length is not None and col >= length:
-                _force(logits[b], self.newline)
+                if after_mark:
+                    _force(logits[b], self.newline)
+                else:  # the line is full: end it, perhaps after one punctuation mark
+                    keep = self.uncounted.clone()
+                    keep[self.newline] = True
+                    logits[b].masked_fill_(~keep, _NEG)
             else:
+                if col == 0 or after_mark:  # no line opens with a mark, no two marks in a row
+                    logits[b].masked_fill_(self.uncounted, _NEG)
                 logits[b, self.tok.eos_id] = _NEG  # the song goes on until its lines are done
                 if length is not None or col == 0:
                     logits[b, self.newline] = _NEG  # no short lines, no empty lines
@@ -132,13 +143,20 @@ class LyricsConstraint:
         for b, token in enumerate(ids.tolist()):
             self.history[b].append(token)
             if token == self.newline:
-                if self.s.rhyme and self.last[b] >= 0:
-                    self.rhymes[b].setdefault(self._group(b), set(self.keys[self.last[b]]))
+                if self.s.rhyme and self.last_word[b] >= 0:
+                    self.rhymes[b].setdefault(self._group(b), set(self.keys[self.last_word[b]]))
                 self.line[b] += 1
                 self.col[b] = 0
-            else:
+            elif self.uncounted is None or not self.uncounted[token]:
                 self.col[b] += 1
+                self.last_word[b] = token
             self.last[b] = token
+
+
+def _uncounted(token: str) -> bool:
+    import unicodedata
+
+    return len(token) == 1 and token != "\n" and unicodedata.category(token)[0] in "PZS"
 
 
 def _force(row: torch.Tensor, token: int) -> None:
@@ -149,7 +167,11 @@ def _force(row: torch.Tensor, token: int) -> None:
 
 @lru_cache(maxsize=4)
 def _rhyme_keys(itos: tuple[str, ...]) -> list[frozenset[str]]:
-    """Each token's possible rhymes: pinyin finals of all its readings (heteronyms), glide removed."""
+    """Each token's rhyme: the pinyin final of its most common reading, glide removed.
+
+    Heteronyms: counting every reading made 年 (nián, rarely níng) rhyme with 静; a line-final
+    character is read the common way, so only the first reading pypinyin gives counts.
+    """
     try:
         from pypinyin import Style, pinyin
     except ImportError:  # pragma: no cover - a declared dependency
@@ -159,7 +181,7 @@ def _rhyme_keys(itos: tuple[str, ...]) -> list[frozenset[str]]:
         if len(token) != 1 or not ("\u4e00" <= token <= "\u9fff" or "\u3400" <= token <= "\u4dbf"):
             keys.append(frozenset())
             continue
-        finals = pinyin(token, style=Style.FINALS, heteronym=True, strict=False)[0]
+        finals = pinyin(token, style=Style.FINALS, heteronym=False, strict=False)[0]
         keys.append(frozenset(_rhyme_of(f) for f in finals if f and f != token))
     return keys
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rnngen.errors import CorpusError
+from rnngen.errors import CorpusError, UsageError
 
 _BLANK_LINE = re.compile(r"\n[ \t\u3000]*\n\s*")
 
@@ -129,7 +129,7 @@ class BatchStream:
     The position is plain data, so a resumed run reads exactly the batches it would have.
     """
 
-    def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int, seed: int):
+    def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int, seed: int, shard: tuple[int, int] = (0, 1)):
         n = data.numel()
         if n < 2:
             raise CorpusError("the training text is too short: it needs at least two tokens")
@@ -141,6 +141,9 @@ class BatchStream:
         self.seq_len = min(self.seq_len, self.cols)
         self.windows_per_epoch = self.cols // self.seq_len
         self.data, self.seed = data, seed
+        self.rank, self.world = shard
+        if self.batch_size % self.world:
+            raise UsageError(f"--batch-size {self.batch_size} does not split evenly over {self.world} processes")
         self.pos = Position()
         self._rows = torch.empty(0)
         self._rows_epoch = -1
@@ -166,4 +169,9 @@ class BatchStream:
         y = rows[:, start + 1 : start + 1 + self.seq_len]
         fresh = self.pos.window == 0
         self.pos = Position(self.pos.epoch, self.pos.window + 1)
-        return x, y, fresh
+        return self.my_rows(x, dim=0), self.my_rows(y, dim=0), fresh
+
+    def my_rows(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This process's contiguous share of the global batch's rows (all of them when alone)."""
+        share = self.batch_size // self.world
+        return t.narrow(dim, self.rank * share, share) if self.world > 1 else t

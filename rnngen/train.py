@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from rnngen.checkpoint import (
     METRICS_FILE, WEIGHTS_FILE, build_meta, locked, load_trainer_state, read_config, save_trainer_state, save_weights,
@@ -18,6 +20,7 @@ from rnngen.checkpoint import (
 from rnngen.config import ModelConfig, TrainConfig
 from rnngen.data import BatchStream, Corpus, Position, count_chars, train_val_split
 from rnngen.device import autocast, pick_device, pick_dtype
+from rnngen.distributed import World, join, leave, process_rank
 from rnngen.errors import CorpusError, ModelError, UsageError
 from rnngen.model import RNNLM, sum_nll
 from rnngen.sampler import SamplingSettings, generate_ids
@@ -66,16 +69,18 @@ def train(corpus: Corpus, out_dir: Path, *args: Any, **kwargs: Any) -> TrainResu
 
     The directory is locked for the run, so two trainings cannot write it at once.
     """
+    main = process_rank() == 0  # under torchrun only rank 0 writes
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
     try:
-        with locked(out_dir):
+        with locked(out_dir) if main else contextlib.nullcontext():
             return _train(corpus, out_dir, *args, **kwargs)
     finally:
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+        leave()
+        if main and created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # failed before writing anything: leave no trace
 
 
@@ -92,8 +97,8 @@ def _train(
     on_progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> TrainResult:
-    emit = on_progress or (lambda kind, info: None)
-    dev = pick_device(device)
+    world, dev = join(pick_device(device))
+    emit = on_progress if (on_progress and world.main) else (lambda kind, info: None)
     corpus_info = {"sha256": corpus.sha256, "bytes": corpus.size, "sources": corpus.sources, "encoding": corpus.encoding}
 
     saved: dict[str, Any] | None = None
@@ -118,17 +123,22 @@ def _train(
 
     train_songs, val_songs = train_val_split(corpus.text, config.val_fraction, config.seed)
     if not resume:
-        emit("info", {"message": f"building the {config.tokenizer} tokenizer"})
-        tokenizer = train_tokenizer(config.tokenizer, train_songs, config.vocab_size, config.spm_model_type)
+        if world.main:
+            emit("info", {"message": f"building the {config.tokenizer} tokenizer"})
+            tokenizer = train_tokenizer(config.tokenizer, train_songs, config.vocab_size, config.spm_model_type)
+            tokenizer.save(out_dir)
+        world.barrier()
+        if not world.main:  # every rank uses the very tokenizer rank 0 saved
+            tokenizer = load_tokenizer(config.tokenizer, out_dir)
         torch.manual_seed(config.seed)
         try:
             model_config = ModelConfig(vocab_size=tokenizer.vocab_size, **model_options)
             model = RNNLM(model_config)
         except ValueError as exc:
             raise UsageError(f"{exc}; set --embedding-dim to --hidden-size or drop --tie-weights") from None
-        tokenizer.save(out_dir)
-        write_config(out_dir, build_meta(model_config, config, tokenizer, corpus_info))
-        (out_dir / METRICS_FILE).unlink(missing_ok=True)
+        if world.main:
+            write_config(out_dir, build_meta(model_config, config, tokenizer, corpus_info))
+            (out_dir / METRICS_FILE).unlink(missing_ok=True)
     else:
         model = RNNLM(model_config)
 
@@ -137,11 +147,14 @@ def _train(
     val_chars = count_chars(val_songs)
     val_chars_per_token = val_chars / max(1, val_ids.numel() - 1)  # bits/char from nats/token
     val_eval_ids = val_ids[: config.val_tokens + 1]
-    batches = BatchStream(train_ids, config.batch_size, config.seq_len, config.seed)
+    batches = BatchStream(train_ids, config.batch_size, config.seq_len, config.seed, shard=(world.rank, world.size))
     if saved is None:
         model.init_output_bias(train_ids)
     model.to(dev)
     opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+    # each rank reads its share of the streams; DDP averages the gradients, so the step equals a
+    # single process's step on the whole global batch
+    forward = DistributedDataParallel(model) if world.size > 1 else model
 
     step, elapsed, best, bad_evals, plateau_scale, hidden = 0, 0.0, math.inf, 0, 1.0, None
     if saved is not None:
@@ -151,7 +164,7 @@ def _train(
             batches.pos = Position(**saved["position"])
             step, elapsed, best = saved["step"], saved["elapsed"], saved["best"]
             bad_evals, plateau_scale = saved["bad_evals"], saved["plateau_scale"]
-            hidden = tuple(t.to(dev) for t in saved["hidden"]) if saved["hidden"] else None
+            hidden = tuple(batches.my_rows(t).to(dev) for t in saved["hidden"]) if saved["hidden"] else None
             if model_config.rnn_type != "lstm" and hidden is not None:
                 hidden = hidden[0]
             torch.set_rng_state(saved["rng"])
@@ -160,7 +173,7 @@ def _train(
         except (KeyError, TypeError, RuntimeError, ValueError) as exc:
             raise UsageError(f"cannot resume from {out_dir}/trainer.pt: it does not match this model ({exc})") from None
 
-    if resume and new_corpus:
+    if resume and new_corpus and world.main:
         unknown = int((train_ids == tokenizer.unk_id).sum())
         emit("info", {"message": f"fine-tuning on new text: {unknown:,} of its {train_ids.numel():,} training tokens "
                                  "are outside the model's vocabulary and read as unknown"})
@@ -174,6 +187,7 @@ def _train(
         "directory": str(out_dir), "device": str(dev), "precision": str(dtype).removeprefix("torch."),
         "params": sum(p.numel() for p in model.parameters()), "train_tokens": train_ids.numel(),
         "val_chars": val_chars, "vocab_size": tokenizer.vocab_size, "batch_size": batches.batch_size,
+        "processes": world.size,
         "seq_len": batches.seq_len, "total_steps": total_steps, "time_limit": config.time_limit, "step": step,
     })
 
@@ -183,12 +197,15 @@ def _train(
         return elapsed / config.time_limit if config.time_limit else 0.0
 
     def checkpoint() -> None:
+        gathered = [] if hidden is None else [world.gather_rows(t) for t in (hidden if isinstance(hidden, tuple) else (hidden,))]
+        if not world.main:
+            return
         save_trainer_state(out_dir, {
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "position": {"epoch": batches.pos.epoch, "window": batches.pos.window},
             "step": step, "elapsed": elapsed, "best": best, "bad_evals": bad_evals,
             "plateau_scale": plateau_scale, "rng": torch.get_rng_state(),
-            "hidden": [] if hidden is None else list(hidden) if isinstance(hidden, tuple) else [hidden],
+            "hidden": gathered,  # (layers, global batch, hidden): the same layout for any number of processes
         })
 
     def evaluate_now(train_loss: float, chars_per_sec: float) -> dict[str, Any]:
@@ -197,29 +214,33 @@ def _train(
                                   "elapsed": round(elapsed, 1), "train_loss": round(train_loss, 4),
                                   "lr": opt.param_groups[0]["lr"], "chars_per_sec": round(chars_per_sec)}
         if val_chars:
-            nats, n = sum_nll(model, val_eval_ids, amp=amp)
+            nats, n = world.sum(list(sum_nll(model, _share(val_eval_ids, world), amp=amp)))
             val_loss = nats / n
             record.update(val_loss=round(val_loss, 4), val_bpc=round(val_loss / val_chars_per_token / math.log(2), 4))
         else:  # no held-out text: the latest weights are the best we know
             val_loss = -step
         if val_loss < best - 1e-4:  # a real improvement, not float noise
             best, bad_evals = val_loss, 0
-            save_weights(out_dir, model)
+            if world.main:
+                save_weights(out_dir, model)
             record["saved"] = True
         else:
             bad_evals += 1
             if config.lr_schedule == "plateau" and bad_evals % 2 == 0:
                 plateau_scale *= 0.5
-        with (out_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        record["preview"] = _preview(model, tokenizer, config.seed + step)
-        model.train()
+        if world.main:
+            with (out_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            record["preview"] = _preview(model, tokenizer, config.seed + step)
+            model.train()
         return record
 
     model.train()
     stop_reason, losses, window_chars, window_time = "", [], 0, 0.0
     last_eval_step = step if saved is not None else -1
     while True:
+        if world.size > 1:  # every rank stops on the same step: rank 0's clock decides
+            elapsed = world.sum([elapsed if world.main else 0.0])[0]
         reason = _budget_reason(config, step, elapsed, total_steps, bad_evals)
         if reason:
             stop_reason = reason
@@ -232,7 +253,7 @@ def _train(
             hidden = None  # a new epoch starts the streams afresh
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with amp:
-            _, hidden, loss = model(x, hidden, y)
+            _, hidden, loss = forward(x, hidden, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -242,12 +263,12 @@ def _train(
         losses.append(loss.item())
         dt = time.perf_counter() - t0
         elapsed += dt
-        window_chars += x.numel() * chars_per_token
+        window_chars += x.numel() * chars_per_token * world.size  # the whole job's speed
         window_time += dt
         cps = window_chars / window_time if window_time else 0.0
         emit("step", {"step": step, "total_steps": total_steps, "train_loss": losses[-1], "chars_per_sec": cps,
                       "elapsed": elapsed, "progress": progress_now()})
-        if should_stop():
+        if (world.sum([float(should_stop())])[0] if world.size > 1 else should_stop()):
             stop_reason = "interrupted"
             break
         if step % config.eval_every == 0:
@@ -261,6 +282,9 @@ def _train(
     if stop_reason != "interrupted" and last_eval_step != step and losses:
         emit("eval", evaluate_now(sum(losses[-20:]) / len(losses[-20:]), 0.0))
     checkpoint()
+    world.barrier()
+    if not world.main:
+        return TrainResult(out_dir, step, stop_reason, None, None)
     if not (out_dir / WEIGHTS_FILE).exists():
         save_weights(out_dir, model)
     best_loss = best if val_chars and best < math.inf else None
@@ -295,6 +319,15 @@ def _budget_reason(cfg: TrainConfig, step: int, elapsed: float, total_steps: int
     if cfg.patience and bad_evals >= cfg.patience:
         return f"early stop: no validation improvement in {cfg.patience} evaluations"
     return ""
+
+
+def _share(ids: torch.Tensor, world: World) -> torch.Tensor:
+    """This rank's contiguous part of a token stream (neighbouring parts share one token, so
+    every prediction is counted exactly once across ranks)."""
+    if world.size == 1:
+        return ids
+    per = -(-(ids.numel() - 1) // world.size)
+    return ids[world.rank * per : (world.rank + 1) * per + 1]
 
 
 def _preview(model: RNNLM, tokenizer, seed: int, length: int = 60) -> str:

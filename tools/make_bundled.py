@@ -36,6 +36,7 @@ def main() -> None:
                    on_progress=lambda kind, info: print(kind, info, flush=True) if kind in ("start", "eval") else None)
     weights = {k: v.half() for k, v in load_file(OUT / WEIGHTS_FILE).items()}
     save_file(weights, OUT / WEIGHTS_FILE)
+    (OUT / WEIGHTS_FILE).chmod(0o644)
     (OUT / TRAINER_FILE).unlink()
     (OUT / METRICS_FILE).unlink()
     meta = json.loads((OUT / CONFIG_FILE).read_text(encoding="utf-8"))

@@ -1,0 +1,52 @@
+"""torchrun with 2 CPU processes (gloo) trains the same weights as one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import make_songs
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="this torch build has no gloo backend")
+
+FLAGS = ["--max-steps", "6", "--hidden-size", "24", "--embedding-dim", "16", "--batch-size", "4", "--seq-len", "16",
+         "--eval-every", "3", "--warmup-steps", "2", "--threads", "1", "--lr-schedule", "constant", "-q"]
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    corpus = tmp_path / "songs.txt"
+    corpus.write_text(make_songs(40), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "rnngen", "train", str(corpus), "--out", str(tmp_path / "one"), *FLAGS],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rnngen",
+         "train", str(corpus), "--out", str(tmp_path / "two"), *FLAGS],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert multi.stdout.strip() == str(tmp_path / "two")  # only rank 0 prints
+    one = torch.load(tmp_path / "one" / "trainer.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "trainer.pt", weights_only=True)
+    assert one["step"] == two["step"] == 6
+    for name, value in one["model"].items():
+        torch.testing.assert_close(two["model"][name], value, atol=2e-5, rtol=1e-4)
+    for a, b in zip(one["hidden"], two["hidden"]):  # the carried state, gathered from both ranks
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+    metrics = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [3, 6]  # one writer
+    assert not (tmp_path / "two" / "train.lock").exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rnngen",
+         "train", str(corpus), "--out", str(tmp_path / "two"), "--resume", "--max-steps", "8", "-q"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(tmp_path / "two" / "trainer.pt", weights_only=True)["step"] == 8
