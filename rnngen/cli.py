@@ -170,11 +170,13 @@ def train(
         if tie_weights and embedding_dim != hidden_size:
             raise typer.BadParameter(f"needs --embedding-dim equal to --hidden-size ({embedding_dim} != {hidden_size})",
                                      param_hint="--tie-weights")
-        if lr <= 0 or grad_clip <= 0:
-            raise typer.BadParameter("--lr and --grad-clip must be positive")
-        for flag, value in (("--max-steps", max_steps), ("--epochs", epochs), ("--patience", patience), ("--seed", seed)):
-            if value is not None and value < 0:
-                raise typer.BadParameter(f"must not be negative (got {value})", param_hint=flag)
+        for flag, value in (("--lr", lr), ("--grad-clip", grad_clip)):
+            if not 0 < value < float("inf"):  # also refuses nan
+                raise typer.BadParameter(f"must be a positive number (got {value})", param_hint=flag)
+        for flag, value in (("--max-steps", max_steps), ("--epochs", epochs), ("--patience", patience), ("--seed", seed),
+                            ("--weight-decay", weight_decay)):
+            if value is not None and not 0 <= value < float("inf"):
+                raise typer.BadParameter(f"must be a non-negative number (got {value})", param_hint=flag)
         _set_threads(threads)
 
         from rnngen.data import read_corpus

@@ -59,7 +59,7 @@ class LyricsConstraint:
             raise UsageError(f"--rhyme takes a scheme of letters such as AABB, ABAB or AAAA (got {s.rhyme!r})")
         if s.rhyme and not s.line_lengths:
             raise UsageError("--rhyme needs --line-length, so the rhyming character's place is known")
-        if s.repetition_penalty <= 0:
+        if not 0 < s.repetition_penalty < float("inf"):
             raise UsageError(f"--repetition-penalty must be positive (got {s.repetition_penalty})")
         if s.lines is not None and s.lines < 1:
             raise UsageError(f"--lines must be at least 1 (got {s.lines})")

@@ -154,7 +154,7 @@ def _train(
     opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
     # each rank reads its share of the streams; DDP averages the gradients, so the step equals a
     # single process's step on the whole global batch
-    forward = DistributedDataParallel(model) if world.size > 1 else model
+    forward = model if world.size == 1 else DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     step, elapsed, best, bad_evals, plateau_scale, hidden = 0, 0.0, math.inf, 0, 1.0, None
     if saved is not None:

@@ -37,9 +37,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
     two = torch.load(tmp_path / "two" / "trainer.pt", weights_only=True)
     assert one["step"] == two["step"] == 6
     for name, value in one["model"].items():
-        torch.testing.assert_close(two["model"][name], value, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(two["model"][name], value, atol=1e-4, rtol=1e-4)
     for a, b in zip(one["hidden"], two["hidden"]):  # the carried state, gathered from both ranks
-        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     metrics = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [3, 6]  # one writer
     assert not (tmp_path / "two" / "train.lock").exists()
