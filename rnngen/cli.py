@@ -347,7 +347,7 @@ def sample(
     rhyme: str = typer.Option("", "--rhyme", help="押韵 scheme such as AABB, ABAB or AAAA: lines with the same letter end in characters whose pinyin finals rhyme (needs --line-length)."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Above 1 makes characters already in the sample less likely (1: off)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per sample (text, settings, seeds) instead of plain text."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or auto."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, auto, bf16 (CPUs with AMX/AVX512-BF16, GPUs) or fp16 (GPUs)."),
     device: str = typer.Option("cpu", "--device", help="cpu (fastest for one stream), auto, cuda or mps."),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
 ) -> None:
@@ -369,14 +369,19 @@ def sample(
         )
         if length < 1 or num_samples < 1:
             request.validate(1 << 30)  # fail before loading the model
+        from rnngen.device import autocast, pick_dtype
+
         loaded = _load(model, device)
+        dev = next(loaded.model.parameters()).device
+        dtype = pick_dtype(precision, dev)
         request.validate(loaded.tokenizer.vocab_size)
         lacking = loaded.tokenizer.missing(seed)
         if lacking:
             shown = "".join(sorted(lacking))[:20]
             _err(f"Warning: the model has never seen {shown!r}; it reads them as unknown")
         try:
-            _write_samples(generate(loaded, request), request, loaded, as_json)
+            with autocast(dev, dtype):
+                _write_samples(generate(loaded, request), request, loaded, as_json)
         except BrokenPipeError:
             _quiet_stdout()
 
