@@ -116,3 +116,70 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(songs_file, tmp_path):
                              str(stopped_at + 2), "-q"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "config.json").read_text())["result"]["steps"] == stopped_at + 2
+
+
+def _copy_model(trained_dir, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(trained_dir, target)
+    return target
+
+
+@pytest.mark.parametrize("edit,word", [
+    (lambda m: m["model"].update(hidden_size="big"), "config.json"),
+    (lambda m: m.pop("model"), "config.json"),
+    (lambda m: m.update(tokenizer="words"), "tokenizer"),
+    (lambda m: m["model"].update(hidden_size=64), "model.safetensors"),
+])
+def test_tampered_config_is_a_clean_error(runner, trained_dir, tmp_path, edit, word):
+    model = _copy_model(trained_dir, tmp_path)
+    meta = json.loads((model / "config.json").read_text())
+    edit(meta)
+    (model / "config.json").write_text(json.dumps(meta))
+    result = runner.invoke(app, ["sample", "--model", str(model), "--length", "5"])
+    assert result.exit_code == 1 and result.stderr.startswith("Error:") and word in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_tokenizer_that_does_not_match_the_weights(runner, trained_dir, tmp_path):
+    model = _copy_model(trained_dir, tmp_path)
+    vocab = json.loads((model / "vocab.json").read_text())
+    vocab["chars"] = vocab["chars"][:-3]
+    (model / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    result = runner.invoke(app, ["sample", "--model", str(model), "--length", "5"])
+    assert result.exit_code == 1 and "tokenizer" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_absolute_and_dotted_names_stay_inside_models(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for name in ("../outside", "models/../../etc", "..", "."):
+        result = runner.invoke(app, ["sample", "--model", name, "--length", "3"])
+        assert result.exit_code == 1 and result.stderr.startswith("Error:"), (name, result.stderr)
+    result = runner.invoke(app, ["train", "x.txt", "--name", "../escape"])
+    assert result.exit_code == 2 and "--name" in result.stderr
+
+
+@pytest.mark.parametrize("signals,code", [(("SIGTERM",), 143), (("SIGINT", "SIGINT"), 130)])
+def test_sigterm_and_double_ctrl_c_leave_a_loadable_model(songs_file, tmp_path, signals, code):
+    import signal
+    import time
+
+    from rnngen.checkpoint import load_model, load_trainer_state
+
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-m", "rnngen", "train", str(songs_file), "--out", str(out), "--max-steps", "100000",
+           "--time-limit", "0", "--patience", "0", *TINY_FLAGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "trainer.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    for name in signals:
+        proc.send_signal(getattr(signal, name))
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    load_model(out)  # the last good checkpoint is intact whatever the interrupt hit
+    load_trainer_state(out)
