@@ -114,6 +114,8 @@ def main() -> None:
     p.add_argument("--sample-length", type=int, default=500)
     a = p.parse_args()
 
+    if not Path(a.corpus).is_file():
+        sys.exit(f"no corpus at {a.corpus}; pass --corpus FILE (any UTF-8 text; tinyshakespeare in the issue's figures)")
     text = Path(a.corpus).read_text(encoding="utf-8")
     vocab = len(set(text)) + 2
     row = lambda k, v: print(f"{k:<58} {v}", flush=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +24,7 @@ class RNNLM(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
         rnn_kwargs = {"nonlinearity": "tanh"} if config.rnn_type == "rnn" else {}
         self.rnn = RNN_MODULES[config.rnn_type](
-            config.embedding_dim, config.hidden_size, config.num_layers, batch_first=True,
+            config.embedding_dim, config.hidden_size, config.num_layers,
             dropout=config.dropout if config.num_layers > 1 else 0.0, **rnn_kwargs,
         )
         self.drop = nn.Dropout(config.dropout)
@@ -52,13 +54,14 @@ class RNNLM(nn.Module):
         self, ids: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         """ids (batch, seq) -> logits (batch, seq, vocab), new state, mean loss if targets given."""
-        x = self.drop(self.embedding(ids))
+        # the recurrent layers run time-major: oneDNN's LSTM measured ~10 % faster that way
+        x = self.drop(self.embedding(ids.t()))  # (seq, batch, embedding)
         y, state = self.rnn(x, state)
-        logits = self.head(self.drop(y))
+        logits = self.head(self.drop(y))  # (seq, batch, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        return logits, state, loss
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.t().flatten())
+        return logits.transpose(0, 1), state, loss
 
     # ---- one token at a time, for sampling -------------------------------------------------
     # nn.LSTM called per token pays a large fixed cost per call; one fused matmul per layer is
@@ -126,11 +129,11 @@ class RNNLM(nn.Module):
 def sum_nll(model: RNNLM, ids: torch.Tensor, streams: int = 64, seq_len: int = 256, amp=None) -> tuple[float, int]:
     """Total negative log-likelihood (nats) of predicting ids[1:] from what precedes, and the count.
 
-    The stream is cut into `streams` contiguous rows read in windows with the state carried,
-    so the result equals one pass over the whole text up to where the rows meet.
+    The stream is cut into `streams` contiguous rows, read together in windows with the state
+    carried, and the leftover tail as one more row. Each row starts from a zero state, so the
+    figure is a touch pessimistic next to a single pass (a few dozen restarts in a long text);
+    with streams=1 it equals one pass exactly.
     """
-    import contextlib
-
     n = ids.numel() - 1
     if n < 1:
         return 0.0, 0
@@ -153,8 +156,8 @@ def sum_nll(model: RNNLM, ids: torch.Tensor, streams: int = 64, seq_len: int = 2
             x = block[:, start : start + seq_len]
             y = block[:, start + 1 : start + 1 + seq_len]
             x = x[:, : y.size(1)]
-            with amp or contextlib.nullcontext():
+            with amp or nullcontext():
                 logits, state, _ = model(x, state)
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
     model.train(was_training)
     return total, n
