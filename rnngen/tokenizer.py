@@ -7,10 +7,9 @@ import io
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Protocol
+from typing import Iterable, Protocol
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
 from rnngen.errors import CorpusError, ModelError
 
@@ -44,8 +43,6 @@ class CharTokenizer:
     unk_id, eos_id = 0, 1
 
     def __init__(self, chars: list[str]):
-        import torch
-
         self.itos = [UNK, EOS, *chars]
         self.stoi = {c: i for i, c in enumerate(self.itos) if i >= 2}
         self.vocab_size = len(self.itos)
@@ -55,8 +52,6 @@ class CharTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> "CharTokenizer":
-        import torch
-
         seen = torch.unique(torch.cat([_codepoints(t) for t in texts] or [_codepoints("")]))
         return cls([chr(c) for c in seen.tolist() if c != 0])
 
@@ -66,8 +61,6 @@ class CharTokenizer:
 
     def encode_songs(self, songs: list[str]) -> "torch.Tensor":
         """song, eos, song, eos, ... as int64, without a Python step per character."""
-        import torch
-
         cps = _codepoints("\0".join(songs) + "\0")  # NUL never occurs in a corpus: it marks song ends
         if not len(self._sorted_codes):
             return torch.where(cps == 0, self.eos_id, self.unk_id).long()
@@ -104,8 +97,6 @@ class CharTokenizer:
 
 
 def _codepoints(text: str) -> "torch.Tensor":
-    import torch
-
     raw = bytearray(text.encode("utf-32-le"))
     return torch.frombuffer(raw, dtype=torch.int32) if raw else torch.empty(0, dtype=torch.int32)
 
@@ -160,8 +151,6 @@ class SpmTokenizer:
         return self.sp.encode(text)
 
     def encode_songs(self, songs: list[str]) -> "torch.Tensor":
-        import torch
-
         ids: list[int] = []
         for piece in self.sp.encode(songs):
             ids.extend(piece)

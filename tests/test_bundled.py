@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from rnngen.checkpoint import bundled_dir
 from rnngen.cli import app
 
