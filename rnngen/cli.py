@@ -7,6 +7,7 @@ stays fast.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -244,7 +245,10 @@ def _check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
 
 
 class _StopFlag:
-    """First Ctrl-C / SIGTERM: finish the step and save. Second: stop at once."""
+    """First Ctrl-C / SIGTERM: finish the step and save. Second: exit at once.
+
+    Checkpoint files are replaced atomically, so exiting at any moment leaves the last good one.
+    """
 
     def __init__(self, announce: bool = True) -> None:
         self.signum = 0
@@ -255,7 +259,8 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signum:
-            raise KeyboardInterrupt
+            os.write(2, b"\nStopped at once; the last checkpoint is intact.\n" if self.announce else b"")
+            os._exit(128 + self.signum)
         self.signum = signum
         if self.announce:
             _err("\nStopping after this step and saving a checkpoint (press Ctrl-C again to stop at once)...")
@@ -266,8 +271,9 @@ class _StopFlag:
         try:
             yield
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            if not self.signum:  # once stopping, a second signal must still mean "now", even during exit
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
 
 
 class TrainDisplay:
@@ -412,8 +418,6 @@ def _write_samples(pieces, request, loaded, as_json: bool) -> None:
 
 def _quiet_stdout() -> None:
     """After a closed pipe (`| head`), send further output nowhere so Python exits quietly."""
-    import os
-
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
 
