@@ -6,8 +6,11 @@ import errno
 import json
 import os
 import pickle
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -93,24 +96,27 @@ def test_resume_with_another_corpus_is_refused(runner, songs_file, tmp_path):
     assert result.exit_code == 1 and "differs" in result.stderr
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(songs_file, tmp_path):
-    import signal
-    import time
-
-    out = tmp_path / "m"
+def interrupt_training(songs_file, out, *signals: str) -> tuple[list[str], int, str]:
+    """Start a long `train`, wait for its first checkpoint, send the signals; (command, exit code, stderr)."""
     cmd = [sys.executable, "-m", "rnngen", "train", str(songs_file), "--out", str(out), "--max-steps", "100000",
            "--time-limit", "0", "--patience", "0", *TINY_FLAGS]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not (out / "trainer.pt").exists() and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    for name in signals:
+        proc.send_signal(getattr(signal, name))
+        time.sleep(0.01)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    return cmd, proc.returncode, err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(songs_file, tmp_path):
+    out = tmp_path / "m"
+    cmd, code, err = interrupt_training(songs_file, out, "SIGINT")
+    assert code == 130, err
     assert "--resume" in err and "Traceback" not in err
     assert not (out / "train.lock").exists()
-    import re
-
     stopped_at = int(re.search(r"Interrupted at step (\d+)", err)[1])
     result = subprocess.run([*cmd[:4], str(songs_file), "--out", str(out), "--resume", "--max-steps",
                              str(stopped_at + 2), "-q"], capture_output=True, text=True, timeout=120)
@@ -163,23 +169,11 @@ def test_absolute_and_dotted_names_stay_inside_models(runner, tmp_path, monkeypa
 
 @pytest.mark.parametrize("signals,code", [(("SIGTERM",), 143), (("SIGINT", "SIGINT"), 130)])
 def test_sigterm_and_double_ctrl_c_leave_a_loadable_model(songs_file, tmp_path, signals, code):
-    import signal
-    import time
-
     from rnngen.checkpoint import load_model, load_trainer_state
 
     out = tmp_path / "m"
-    cmd = [sys.executable, "-m", "rnngen", "train", str(songs_file), "--out", str(out), "--max-steps", "100000",
-           "--time-limit", "0", "--patience", "0", *TINY_FLAGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (out / "trainer.pt").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    for name in signals:
-        proc.send_signal(getattr(signal, name))
-        time.sleep(0.01)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err
+    _, returncode, err = interrupt_training(songs_file, out, *signals)
+    assert returncode == code, err
     assert "Traceback" not in err
     load_model(out)  # the last good checkpoint is intact whatever the interrupt hit
     load_trainer_state(out)
