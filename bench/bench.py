@@ -5,7 +5,8 @@
 Measures, on this machine and in this run: the fp32 and bf16 matmul peak; rnngen's training
 throughput (chars/s and model-FLOPs utilisation) for the default model and for the 2x512
 reference shape; the same for ref_lstm.py with that shape (when --ref is given); sampling
-chars/s for one stream and for 64 streams; and the ratios between them. Medians of repeats.
+chars/s for one stream and for 64 streams; the cost of --max-copy 8 with the bundled model (a
+trained model, so it really copies); and the ratios between them. Medians of repeats.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from rnngen.checkpoint import LoadedModel
+from rnngen.checkpoint import LoadedModel, bundled_dir, load_model
 from rnngen.config import ModelConfig, TrainConfig
 from rnngen.device import cpu_has_fast_bf16
 from rnngen.model import RNNLM
+from rnngen.novelty import CorpusIndex
 from rnngen.sample import SampleRequest, generate
 from rnngen.sampler import SamplingSettings
 from rnngen.tokenizer import CharTokenizer
@@ -99,6 +101,17 @@ def sample_throughput(cfg: ModelConfig, streams: int, length: int, repeats: int)
     return streams * length / t
 
 
+def copy_guard_speed(length: int, repeats: int) -> tuple[float, float]:
+    """chars/s of one stream from the bundled model without and with --max-copy 8."""
+    loaded = load_model(bundled_dir())
+    index = CorpusIndex.load(loaded.directory)
+    speeds = []
+    for max_copy in (None, 8):
+        req = lambda: SampleRequest(length=length, settings=SamplingSettings(0.8), random_seed=1, max_copy=max_copy)
+        speeds.append(length / median_time(lambda: sum(1 for _ in generate(loaded, req(), index)), repeats))
+    return speeds[0], speeds[1]
+
+
 def ref_run(ref: Path, corpus: str, mode: str, extra: list[str]) -> dict:
     out = subprocess.run([sys.executable, str(ref), "--data", corpus, "--mode", mode, *extra],
                          capture_output=True, text=True, check=True).stdout
@@ -154,6 +167,10 @@ def main() -> None:
     many = sample_throughput(reference, 64, a.sample_length // 2, a.repeats)
     row("rnngen sample 2x512, one stream", f"{one:,.0f} chars/s")
     row("rnngen sample 2x512, 64 streams (total)", f"{many:,.0f} chars/s")
+    free, guarded = copy_guard_speed(2000, a.repeats)
+    row("rnngen sample bundled 2x384, one stream", f"{free:,.0f} chars/s")
+    row("rnngen sample bundled 2x384, one stream, --max-copy 8", f"{guarded:,.0f} chars/s")
+    row("ratio: --max-copy 8 / unconstrained", f"{guarded / free:.2f}x")
     if ref_cps:
         row("ratio: train 2x512 rnngen / ref", f"{results['2x512'] / ref_cps:.2f}x")
         row("ratio: sample one stream rnngen / ref", f"{one / ref_sample:.2f}x")

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover
 
 from rnngen import __version__
 from rnngen.config import ModelConfig, TrainConfig
-from rnngen.errors import RnngenError
+from rnngen.errors import ModelError, RnngenError, UsageError
 
 _T, _M = TrainConfig(), ModelConfig(vocab_size=0)  # the defaults, defined once in config.py
 
@@ -352,7 +352,9 @@ def sample(
     acrostic: str = typer.Option("", "--acrostic", help="藏头: line i starts with the i-th of these characters, e.g. 春夏秋冬 (char models)."),
     rhyme: str = typer.Option("", "--rhyme", help="押韵 scheme such as AABB, ABAB or AAAA: lines with the same letter end in characters whose pinyin finals rhyme (needs --line-length)."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Above 1 makes characters already in the sample less likely (1: off)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per sample (text, settings, seeds) instead of plain text."),
+    max_copy: Optional[int] = typer.Option(None, "--max-copy", help="Never write a run of more than K characters found verbatim in the training text: a token that would make one is struck out and another drawn."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per sample (text, settings, seeds, and how much of it is copied from the training text: longest_copy, copied_8gram_share) instead of plain text."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Ask for seeds on the terminal, one per line, and answer each with lyrics; the model stays loaded. Ctrl-C stops a sample, Ctrl-D quits."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, auto, bf16 (CPUs with AMX/AVX512-BF16, GPUs) or fp16 (GPUs)."),
     device: str = typer.Option("cpu", "--device", help="cpu (fastest for one stream), auto, cuda or mps."),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
@@ -371,28 +373,77 @@ def sample(
         request = SampleRequest(
             seed_text=seed, length=length, settings=SamplingSettings(temperature, top_k, top_p),
             num_samples=num_samples, random_seed=random_seed, stop_at_end=stop_at_end, songs=songs,
-            structure=structure,
+            structure=structure, max_copy=max_copy,
         )
-        if length < 1 or num_samples < 1:
+        if length < 1 or num_samples < 1 or max_copy is not None:
             request.validate(1 << 30)  # fail before loading the model
         from rnngen.device import autocast, pick_dtype
+        from rnngen.novelty import CorpusIndex
 
         loaded = _load(model, device)
         dev = next(loaded.model.parameters()).device
         dtype = pick_dtype(precision, dev)
+        index = CorpusIndex.load(loaded.directory) if (max_copy is not None or as_json) else None
+        if interactive:
+            _interactive(loaded, request, index, as_json, autocast(dev, dtype))
+            return
         request.validate(loaded.tokenizer.vocab_size)
-        lacking = loaded.tokenizer.missing(seed)
-        if lacking:
-            shown = "".join(sorted(lacking))[:20]
-            _err(f"Warning: the model has never seen {shown!r}; it reads them as unknown")
+        _warn_unknown(loaded, seed)
         try:
             with autocast(dev, dtype):
-                _write_samples(generate(loaded, request), request, loaded, as_json)
+                _write_samples(generate(loaded, request, index), request, loaded, as_json, index)
         except BrokenPipeError:
             _quiet_stdout()
+        _warn_dead_ends(request)
 
 
-def _write_samples(pieces, request, loaded, as_json: bool) -> None:
+def _warn_unknown(loaded, seed: str) -> None:
+    lacking = loaded.tokenizer.missing(seed)
+    if lacking:
+        shown = "".join(sorted(lacking))[:20]
+        _err(f"Warning: the model has never seen {shown!r}; it reads them as unknown")
+
+
+def _warn_dead_ends(request) -> None:
+    if request.dead_ends:
+        _err(f"Warning: {request.dead_ends} time(s) the line structure left only characters that continue a copy "
+             f"longer than --max-copy {request.max_copy}; the structure won (see longest_copy in --json)")
+
+
+def _interactive(loaded, request, index, as_json: bool, amp) -> None:
+    """A prompt loop: each line typed is a seed; the same options answer every one."""
+    import dataclasses
+
+    from rnngen.errors import RnngenError
+    from rnngen.sample import generate
+
+    _err("Type a seed and press Enter (an empty line starts a new song). Ctrl-C stops a sample, Ctrl-D quits.")
+    while True:
+        sys.stderr.write("seed> ")  # the prompt is not product: stdout stays clean for pipes
+        sys.stderr.flush()
+        try:
+            line = input()
+        except (EOFError, KeyboardInterrupt):
+            _err("")
+            return
+        one = dataclasses.replace(request, seed_text=line.strip(), structure=dataclasses.replace(request.structure))
+        try:
+            one.validate(loaded.tokenizer.vocab_size)
+            _warn_unknown(loaded, one.seed_text)
+            with amp:
+                _write_samples(generate(loaded, one, index), one, loaded, as_json, index)
+            _warn_dead_ends(one)
+        except RnngenError as exc:  # a bad seed is answered, not fatal
+            _err(f"Error: {exc}")
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_stdout()
+            return
+
+
+def _write_samples(pieces, request, loaded, as_json: bool, index=None) -> None:
     out = sys.stdout
     if request.num_samples == 1 and not as_json:
         for _, text in pieces:  # stream as tokens are made
@@ -409,7 +460,13 @@ def _write_samples(pieces, request, loaded, as_json: bool) -> None:
             s = request.settings
             record = {"text": text, "index": i, "seed": request.seed_text, "random_seed": request.random_seed,
                       "length": request.length, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
-                      "model": str(loaded.directory)}
+                      "max_copy": request.max_copy, "model": str(loaded.directory)}
+            if index is not None:  # how much of the sample occurs verbatim in the training text
+                from rnngen.novelty import copy_report
+
+                record.update(copy_report(index, text).to_dict())
+            else:
+                record.update(longest_copy=None, longest_copy_text=None, copied_8gram_share=None)
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
         else:
             out.write(("\n" if i else "") + text + "\n")
@@ -438,6 +495,7 @@ def evaluate(
     files: Optional[List[str]] = typer.Argument(None, metavar="[FILE...]", help="Text to score (files, directories, or - for stdin). Default: the model's own validation split."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or a name under models/. Default: the most recently trained, else the bundled one."),
     encoding: str = typer.Option("utf-8", "--encoding", help="Text encoding of FILE."),
+    samples: Optional[str] = typer.Option(None, "--samples", help="Instead of the loss: how much of this text (a file, or - for stdin) is copied from the model's training text, as the longest verbatim run and the share of 8-character windows found there."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     precision: str = typer.Option("fp32", "--precision", help="auto, fp32, bf16 or fp16 (GPU)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
@@ -450,7 +508,12 @@ def evaluate(
         from rnngen.device import pick_dtype
         from rnngen.evaluate import evaluate_corpus, evaluate_validation
 
+        if samples is not None and files:
+            raise UsageError("give either FILE (to measure the loss) or --samples (to measure copying), not both")
         loaded = _load(model, device)
+        if samples is not None:
+            _copy_table(loaded, read_corpus([samples], encoding), as_json)
+            return
         dtype = pick_dtype(precision, next(loaded.model.parameters()).device)
         if files:
             metrics = evaluate_corpus(loaded, read_corpus(files, encoding), dtype)
@@ -471,6 +534,32 @@ def evaluate(
                              ("unknown characters", f"{metrics.unknown_chars:,}")):
             table.add_row(label, value)
         Console().print(table)
+
+
+def _copy_table(loaded, corpus, as_json: bool) -> None:
+    from rnngen.novelty import CorpusIndex, copy_report
+
+    index = CorpusIndex.load(loaded.directory)
+    if index is None:
+        raise ModelError(f"{loaded.directory} has no copy-check index (novelty.safetensors) to compare with; "
+                         "models trained by this version of rnngen have one")
+    report = copy_report(index, corpus.text)
+    record = {"source": ", ".join(corpus.sources), "characters": len(corpus.text), **report.to_dict(),
+              "model": str(loaded.directory)}
+    if as_json:
+        typer.echo(json.dumps(record, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{loaded.directory.name}: copying in {record['source']}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("characters", f"{record['characters']:,}")
+    table.add_row("longest run found in the training text", f"{report.longest_copy:,} characters")
+    table.add_row("that run", repr(report.longest_copy_text))
+    table.add_row("8-character windows found there", f"{report.copied_8gram_share:.1%}")
+    Console().print(table)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import torch
 from rnngen.checkpoint import LoadedModel
 from rnngen.constraints import LyricsConstraint, Structure
 from rnngen.errors import UsageError
+from rnngen.novelty import DEPTH, CopyGuard, CorpusIndex, token_pieces
 from rnngen.sampler import SamplingSettings, generate_ids
 
 
@@ -27,6 +28,8 @@ class SampleRequest:
     stop_at_end: bool = False  # end a sample at the model's end-of-song token
     songs: int | None = None  # write this many whole songs, each ended by the model
     structure: Structure = field(default_factory=Structure)  # lines, line lengths, acrostic, rhyme
+    max_copy: int | None = None  # no run longer than this may occur verbatim in the training text
+    dead_ends: int = 0  # set by generate: tokens where every choice the structure allowed was a copy
 
     def validate(self, vocab_size: int) -> None:
         s = self.settings
@@ -46,6 +49,8 @@ class SampleRequest:
             raise UsageError(f"--top-p must be in (0, 1] (got {s.top_p})")
         if self.songs is not None and self.songs < 1:
             raise UsageError(f"--songs must be at least 1 (got {self.songs})")
+        if self.max_copy is not None and not 1 <= self.max_copy < DEPTH:
+            raise UsageError(f"--max-copy must be between 1 and {DEPTH - 1} characters (got {self.max_copy})")
         if self.structure.acrostic and self.seed_text:
             raise UsageError("--acrostic chooses how the song starts; leave out --seed")
 
@@ -56,10 +61,11 @@ def resolve_seed(request: SampleRequest) -> int:
     return request.random_seed
 
 
-def generate(loaded: LoadedModel, request: SampleRequest) -> Iterator[tuple[int, str]]:
+def generate(loaded: LoadedModel, request: SampleRequest, index: CorpusIndex | None = None) -> Iterator[tuple[int, str]]:
     """Yield (sample index, new text) pieces as they are made, the seed text first.
 
     Each sample gets exactly `length` characters after the seed, unless it stops at end of song.
+    `index` (the model's training text) is needed for request.max_copy.
     """
     tok, model = loaded.tokenizer, loaded.model
     request.validate(tok.vocab_size)
@@ -73,6 +79,12 @@ def generate(loaded: LoadedModel, request: SampleRequest) -> Iterator[tuple[int,
     if constraint is not None and seed_ids:
         for token in seed_ids:  # the seed's characters count towards the first line
             constraint.update(torch.tensor([token] * n))
+    guard = None
+    if request.max_copy is not None:
+        if index is None:
+            raise UsageError(f"{loaded.directory} has no copy-check index (novelty.safetensors), so --max-copy "
+                             "cannot be checked; models trained by this version of rnngen have one")
+        guard = CopyGuard(index, request.max_copy, token_pieces(tok), n, context=request.seed_text)
     decoders = [tok.stream_decoder() for _ in range(n)]
     remaining = [request.length] * n
     songs_left = [request.songs or 0] * n
@@ -81,8 +93,10 @@ def generate(loaded: LoadedModel, request: SampleRequest) -> Iterator[tuple[int,
             yield i, request.seed_text
     max_tokens = request.length * 4 + 8  # a byte-fallback token can carry a quarter of a character
     steps = generate_ids(model, prompt, max_tokens, request.settings, generator, batch=n, banned=banned,
-                         constraint=constraint)
+                         constraint=constraint, guard=guard)
     for ids in steps:
+        if guard is not None:
+            request.dead_ends = guard.dead_ends
         for i, token in enumerate(ids.tolist()):
             if remaining[i] <= 0:
                 continue

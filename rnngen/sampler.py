@@ -48,12 +48,15 @@ def generate_ids(
     batch: int = 1,
     banned: tuple[int, ...] = (),
     constraint=None,
+    guard=None,
 ) -> Iterator[torch.Tensor]:
     """Yield (batch,) tensors of new token ids, one per step, continuing `prompt` in every stream.
 
     The prompt runs through the model once; after that each token costs one step() (the state is
     carried, the prefix is never re-read). A `constraint` (constraints.LyricsConstraint) may mask
-    each step's logits and is told which tokens were chosen.
+    each step's logits and is told which tokens were chosen. A `guard` (novelty.CopyGuard) vetoes
+    tokens that would copy the training text: a vetoed token is struck out and the stream draws
+    again from what is left, so it ends after at most one draw per token of the vocabulary.
     """
     model.eval()
     model.prepare_step()
@@ -69,7 +72,27 @@ def generate_ids(
         if constraint is not None:  # song structure: see constraints.py
             logits = constraint.mask(logits)
         ids = choose(logits, settings, generator)
+        if guard is not None:
+            ids = _back_off(guard, logits, ids, settings, generator)
         if constraint is not None:
             constraint.update(ids)
         yield ids
         logits, state = model.step(ids, state)
+
+
+def _back_off(guard, logits: torch.Tensor, ids: torch.Tensor, settings: SamplingSettings,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """Redraw each stream's token until the guard allows it (logits (batch, vocab) are consumed)."""
+    chosen = ids.tolist()
+    for b, token in enumerate(chosen):
+        row = logits[b : b + 1]
+        while not guard.allows(b, token):
+            row[0, token] = float("-inf")
+            if not torch.isfinite(row).any():  # every token the other rules allow makes a copy:
+                token = chosen[b]  # those rules win (counted, and visible in the copy report)
+                guard.dead_ends += 1
+                break
+            token = int(choose(row, settings, generator)[0])
+        chosen[b] = token
+        guard.push(b, token)
+    return torch.tensor(chosen, device=ids.device)

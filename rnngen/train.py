@@ -23,6 +23,7 @@ from rnngen.device import autocast, pick_device, pick_dtype
 from rnngen.distributed import World, join, leave, process_rank
 from rnngen.errors import CorpusError, ModelError, UsageError
 from rnngen.model import RNNLM, sum_nll
+from rnngen.novelty import INDEX_FILE, MAX_INDEX_CHARS, CorpusIndex
 from rnngen.sampler import SamplingSettings, generate_ids
 from rnngen.tokenizer import load_tokenizer, train_tokenizer
 
@@ -139,6 +140,7 @@ def _train(
         if world.main:
             write_config(out_dir, build_meta(model_config, config, tokenizer, corpus_info))
             (out_dir / METRICS_FILE).unlink(missing_ok=True)
+            _write_index(out_dir, corpus.text, emit)
     else:
         model = RNNLM(model_config)
 
@@ -180,6 +182,8 @@ def _train(
         meta = read_config(out_dir)
         meta["corpus"], meta["fine_tuned_from_corpus"] = corpus_info, meta.get("corpus")
         write_config(out_dir, meta)
+        old = CorpusIndex.load(out_dir)
+        _write_index(out_dir, (old.text + "\n\n" if old else "") + corpus.text, emit)  # the model knows both texts
     amp = autocast(dev, dtype)
     chars_per_token = count_chars(train_songs) / max(1, train_ids.numel())
     total_steps = _total_steps(config, batches.windows_per_epoch)
@@ -297,6 +301,17 @@ def _train(
     write_config(out_dir, meta)
     emit("done", {"steps": step, "stop_reason": stop_reason, "best_val_bpc": best_bpc})
     return TrainResult(out_dir, step, stop_reason, best_loss, best_bpc)
+
+
+def _write_index(out_dir: Path, text: str, emit: ProgressFn) -> None:
+    """Keep the training text's copy-check index in the model directory (for sample --max-copy)."""
+    if len(text) > MAX_INDEX_CHARS:
+        (out_dir / INDEX_FILE).unlink(missing_ok=True)
+        emit("info", {"message": f"the corpus has over {MAX_INDEX_CHARS:,} characters: no copy-check index, "
+                                 "so sample --max-copy will not work with this model"})
+        return
+    emit("info", {"message": "indexing the corpus for copy checks"})
+    CorpusIndex.build(text).save(out_dir)
 
 
 def _check_budget(cfg: TrainConfig) -> None:

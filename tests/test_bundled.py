@@ -25,3 +25,11 @@ def test_sample_uses_bundled_model_when_none_trained(runner, tmp_path, monkeypat
     assert text.startswith("我") and len(text) == 101
     lines = [line for line in text.split("\n") if line]
     assert max(len(line) for line in lines) < 40  # lyrics: short lines, not one long run
+
+
+def test_bundled_model_checks_copying(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["sample", "--length", "300", "--random-seed", "2", "--max-copy", "8", "--json"])
+    assert result.exit_code == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert len(record["text"]) == 300 and record["longest_copy"] <= 8
