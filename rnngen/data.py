@@ -123,8 +123,9 @@ def _decode_error(exc: UnicodeDecodeError, head: bytes, encoding: str, name: str
     return CorpusError(f"{name} is not valid {encoding} (byte {byte}){hint}")
 
 
-def iter_text(corpus: Corpus | CorpusFiles, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[str, int]]:
+def iter_text(corpus: Corpus | CorpusFiles, chunk_bytes: int = 0) -> Iterator[tuple[str, int]]:
     """The corpus's normalised text (exactly read_corpus's .text) in pieces, each with the input bytes read so far."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES  # read when called, so tests can make it tiny
     if isinstance(corpus, Corpus):
         text = corpus.text
         for i in range(0, len(text), chunk_bytes):
@@ -196,27 +197,30 @@ class SongCutter:
     exactly split_songs's songs. A song longer than `max_buffer` characters comes out in several parts,
     cut after a line break where it has one, so memory stays bounded."""
 
-    def __init__(self, max_buffer: int = CHUNK_BYTES) -> None:
+    def __init__(self, max_buffer: int = 0) -> None:
         self.buf = ""
         self.open = False  # a song was begun in an earlier part and goes on
-        self.max_buffer = max_buffer
+        self.max_buffer = max_buffer or CHUNK_BYTES
 
     def push(self, text: str) -> list[tuple[str, bool]]:
-        buf, out, prev = self.buf + text, [], 0
-        for m in _BLANK_LINE.finditer(buf):
-            if m.end() == len(buf):
-                break  # the separator's whitespace may go on in the next piece
-            self._block(buf[prev : m.start()], True, out)
-            prev = m.end()
-        rest = buf[prev:]
-        solid = len(rest.rstrip())  # everything after it may still be stripped as the song's tail
-        if len(rest) > self.max_buffer and solid:
-            cut = rest.rfind("\n", 0, solid) + 1
-            if not (self.open or rest[:cut].strip()):
+        buf, out = self.buf + text, []
+        solid = len(buf.rstrip())  # trailing whitespace may be the start of a separator: it waits
+        blocks = _BLANK_LINE.split(buf[:solid])  # every separator here ends before a visible character: final
+        if len(blocks) > 1:
+            done = blocks[:-1]
+            if self.open:  # the first block ends the song begun earlier
+                out.append((done.pop(0).rstrip(), True))
+                self.open = False
+            out += [(song, True) for song in (b.strip("\n").rstrip() for b in done) if song.strip()]
+            buf = buf[solid - len(blocks[-1]) :]
+        solid = len(buf.rstrip())
+        if len(buf) > self.max_buffer and solid:  # a very long song: hand out its head now
+            cut = buf.rfind("\n", 0, solid) + 1
+            if not (self.open or buf[:cut].strip()):
                 cut = solid  # a song's first part must hold a visible character
-            self._block(rest[:cut], False, out)
-            rest = rest[cut:]
-        self.buf = rest
+            self._block(buf[:cut], False, out)
+            buf = buf[cut:]
+        self.buf = buf
         return out
 
     def finish(self) -> list[tuple[str, bool]]:

@@ -82,8 +82,9 @@ def scan(corpus: Corpus | CorpusFiles, emit: Emit, full: bool = True) -> Scan:
         size += len(raw)
         if seen is not None:
             seen[_codepoints(text)] = True
-            for part, ends in cutter.push(text):
-                song_chars, songs = song_chars + len(part), songs + ends
+            parts = cutter.push(text)
+            song_chars += sum(len(part) for part, _ in parts)
+            songs += sum(ends for _, ends in parts)
         meter(done)
     for part, ends in cutter.finish() if full else []:
         song_chars, songs = song_chars + len(part), songs + ends
@@ -141,11 +142,12 @@ def _routed(corpus: Corpus | CorpusFiles, split: Split, meter: _Meter) -> Iterat
     """Pass 2's input: (training text, validation text) per piece read, with "\\0" after each song's end
     (NUL never occurs in a corpus, so it can stand for the end-of-song token)."""
     song = offset = 0
+    held = split.held.tolist()  # plain bools: faster to index one at a time
     for parts, done in _parts(corpus):
         train, val = [], []
         for text, ends in parts:
             if split.head_tail is None:
-                (val if split.held[song] else train).append(text + "\0" if ends else text)
+                (val if held[song] else train).append(text + "\0" if ends else text)
             else:
                 head_end, tail_start = split.head_tail
                 train.append(text[: max(0, head_end - offset)])
@@ -271,12 +273,11 @@ def build(corpus: Corpus | CorpusFiles, directory: Path, config: TrainConfig, to
 
 
 def _remap(path: Path, mapping: np.ndarray) -> None:
-    """Rewrite a token file through an id -> id table, a block at a time."""
-    src = _open(path, dtype_for(len(mapping)))  # the provisional ids' type
-    with open(f"{path}.new", "wb") as f:
-        for i in range(0, len(src), BLOCK):
-            mapping[src[i : i + BLOCK]].tofile(f)
-    del src
+    """Rewrite a token file through an id -> id table, a block at a time (plain reads: a memory map's pages
+    would all count towards this process's resident memory)."""
+    with open(path, "rb") as src, open(f"{path}.new", "wb") as dst:
+        while len(block := np.fromfile(src, dtype=dtype_for(len(mapping)), count=BLOCK)):  # the provisional ids' type
+            mapping[block].tofile(dst)
     os.replace(f"{path}.new", path)
 
 
