@@ -180,7 +180,7 @@ def train(
                 raise typer.BadParameter(f"must be a non-negative number (got {value})", param_hint=flag)
         _set_threads(threads)
 
-        from rnngen.data import read_corpus
+        from rnngen.data import open_corpus
         from rnngen.train import train as run_training
 
         overrides = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "patience": patience,
@@ -189,7 +189,7 @@ def train(
         resume = resume or fine_tune
         out_dir = _model_dir(corpus, name, out)
         _check_out_dir(out_dir, resume, force)
-        text = read_corpus(corpus, encoding)
+        text = open_corpus(corpus, encoding)  # files stay on disk: training streams them into a token cache
         config = TrainConfig(
             tokenizer=tokenizer, vocab_size=vocab_size, spm_model_type=spm_model_type, batch_size=batch_size,
             seq_len=seq_len, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
@@ -285,10 +285,50 @@ class TrainDisplay:
         self.enabled = enabled
         self.console = Console(stderr=True, soft_wrap=True)
         self.progress = None
+        self.reading = None  # the tokenisation passes' bar, shown before training starts
+        self.passes: dict[str, int] = {}
         self.val_bpc = "-"
 
     def __enter__(self) -> "TrainDisplay":
-        if self.enabled:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for bar in (self.reading, self.progress):
+            if bar is not None:
+                bar.__exit__(*exc)
+
+    def _reading(self, info: dict) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        if self.reading is None:  # transient: an error mid-pass leaves only its one line
+            self.reading = Progress(
+                TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                TextColumn("{task.fields[mb]} MB"), TextColumn("{task.fields[speed]} MB/s"), TimeElapsedColumn(),
+                console=self.console, transient=True,
+            )
+            self.reading.__enter__()
+        stage = info["stage"]
+        if stage not in self.passes:
+            self.passes[stage] = self.reading.add_task(f"{stage} corpus", total=max(1, info["total_bytes"]), mb="-", speed="-")
+        self.reading.update(self.passes[stage], completed=info["done_bytes"], mb=f"{info['done_bytes'] / 1e6:,.1f}",
+                            speed=f"{info['mb_per_sec']:,.1f}")
+
+    def update(self, kind: str, info: dict) -> None:
+        if not self.enabled:
+            return
+        if kind == "info":
+            self.console.print(info["message"], style="dim")
+        elif kind == "tokenize":
+            self._reading(info)
+        elif kind == "tokenized":
+            if self.reading is not None:
+                self.reading.__exit__(None, None, None)
+                self.reading = None
+            mb, seconds = info["bytes"] / 1e6, info["seconds"]
+            what = "checked the corpus hash and reused its token cache" if info["cached"] else "tokenized the corpus"
+            self.console.print(f"{what}: {mb:,.1f} MB in {seconds:.1f} s ({mb / max(seconds, 1e-9):,.1f} MB/s)",
+                               style="dim", highlight=False)
+        elif kind == "start":
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
             self.progress = Progress(
@@ -299,18 +339,6 @@ class TrainDisplay:
             )
             self.progress.__enter__()
             self.task = self.progress.add_task("train", total=1000, step=0, loss="-", bpc="-", cps="-")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def update(self, kind: str, info: dict) -> None:
-        if not self.enabled:
-            return
-        if kind == "info":
-            self.console.print(info["message"], style="dim")
-        elif kind == "start":
             budget = f"{info['total_steps']} steps" if info["total_steps"] else f"{info['time_limit'] or 0:.0f} s"
             self.console.print(
                 f"Training {info['directory']}: {info['params']:,} parameters, vocabulary {info['vocab_size']:,}, "

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import random
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
 
 from rnngen.errors import CorpusError, UsageError
 
 _BLANK_LINE = re.compile(r"\n[ \t\u3000]*\n\s*")
+CHUNK_BYTES = 4 << 20  # streaming reads: big enough for fast vectorised work, small enough for bounded memory
 
 
 @dataclass
@@ -46,18 +50,47 @@ def read_corpus(inputs: list[str], encoding: str = "utf-8") -> Corpus:
     return Corpus(text=text, sources=sources, encoding=encoding)
 
 
-def _read_raw(item: str) -> list[tuple[str, bytes]]:
-    if item == "-":
-        return [("-", sys.stdin.buffer.read())]
+@dataclass
+class CorpusFiles:
+    """A corpus left on disk and read in streaming passes (iter_text), for corpora too big to hold as one str."""
+
+    sources: list[str]  # absolute paths, in reading order
+    encoding: str
+
+    def read(self) -> Corpus:
+        """The whole text in memory: only for small corpora."""
+        return read_corpus(self.sources, self.encoding)
+
+
+def open_corpus(inputs: list[str], encoding: str = "utf-8") -> Corpus | CorpusFiles:
+    """Files and directories stay on disk (streamed later); stdin ("-") is read now, as it can be read only once."""
+    if not inputs:
+        raise CorpusError("no corpus given; pass a text file, a directory of .txt files, or - for stdin")
+    if "-" in inputs:
+        return read_corpus(inputs, encoding)
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise CorpusError(f"unknown --encoding {encoding!r}; try utf-8, gbk, big5 or utf-16") from None
+    return CorpusFiles([str(p.resolve()) for item in inputs for p in _list_files(item)], encoding)
+
+
+def _list_files(item: str) -> list[Path]:
     path = Path(item).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise CorpusError(f"{item} is a directory with no .txt files in it")
-        return [(str(p.resolve()), _read_file(p)) for p in files]
+        return files
     if not path.exists():
         raise CorpusError(f"{item}: no such file or directory")
-    return [(str(path.resolve()), _read_file(path))]
+    return [path]
+
+
+def _read_raw(item: str) -> list[tuple[str, bytes]]:
+    if item == "-":
+        return [("-", sys.stdin.buffer.read())]
+    return [(str(p.resolve()), _read_file(p)) for p in _list_files(item)]
 
 
 def _read_file(path: Path) -> bytes:
@@ -73,22 +106,147 @@ def _decode(raw: bytes, encoding: str, name: str) -> str:
     except LookupError:
         raise CorpusError(f"unknown --encoding {encoding!r}; try utf-8, gbk, big5 or utf-16") from None
     except UnicodeDecodeError as exc:
-        hint = "; if it is Chinese text in another encoding, pass --encoding gbk (or big5, utf-16)"
-        if b"\x00" in raw[:4096] and encoding.replace("-", "").lower() == "utf8":
-            if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-                hint = "; it looks like UTF-16: pass --encoding utf-16"
-            else:
-                raise CorpusError(f"{name} looks like a binary file (it contains NUL bytes), not text") from None
-        raise CorpusError(f"{name} is not valid {encoding} (byte {exc.start}){hint}") from None
+        raise _decode_error(exc, raw[:4096], encoding, name, exc.start) from None
     if "\x00" in text:
         raise CorpusError(f"{name} looks like a binary file (it contains NUL bytes), not text")
     text = text.removeprefix("\ufeff")
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+def _decode_error(exc: UnicodeDecodeError, head: bytes, encoding: str, name: str, byte: int) -> CorpusError:
+    hint = "; if it is Chinese text in another encoding, pass --encoding gbk (or big5, utf-16)"
+    if b"\x00" in head and encoding.replace("-", "").lower() == "utf8":
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            hint = "; it looks like UTF-16: pass --encoding utf-16"
+        else:
+            return CorpusError(f"{name} looks like a binary file (it contains NUL bytes), not text")
+    return CorpusError(f"{name} is not valid {encoding} (byte {byte}){hint}")
+
+
+def iter_text(corpus: Corpus | CorpusFiles, chunk_bytes: int = 0) -> Iterator[tuple[str, int]]:
+    """The corpus's normalised text (exactly read_corpus's .text) in pieces, each with the input bytes read so far."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES  # read when called, so tests can make it tiny
+    if isinstance(corpus, Corpus):
+        text = corpus.text
+        for i in range(0, len(text), chunk_bytes):
+            yield text[i : i + chunk_bytes], min(len(text), i + chunk_bytes)
+        return
+    done = 0
+    for n, name in enumerate(corpus.sources):
+        if n:
+            yield "\n\n", done  # read_corpus joins files with a blank line
+        read = 0
+        for text, read in _decode_file(Path(name), corpus.encoding, chunk_bytes):
+            yield text, done + read
+        done += read
+
+
+def _decode_file(path: Path, encoding: str, chunk_bytes: int) -> Iterator[tuple[str, int]]:
+    """_decode in pieces: an incremental decoder, the BOM dropped once, a CR held back in case an LF follows."""
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)()
+    except LookupError:
+        raise CorpusError(f"unknown --encoding {encoding!r}; try utf-8, gbk, big5 or utf-16") from None
+    name, head, read, started, carry = str(path), b"", 0, False, ""
+    try:
+        f = path.open("rb")
+    except OSError as exc:
+        raise CorpusError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with f:
+        while True:
+            try:
+                raw = f.read(chunk_bytes)
+            except OSError as exc:
+                raise CorpusError(f"cannot read {path}: {exc.strerror or exc}") from None
+            head = head or raw[:4096]
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                raise _decode_error(exc, head, encoding, name, max(0, read + exc.start - _pending(decoder))) from None
+            read += len(raw)
+            if "\x00" in text:
+                raise CorpusError(f"{name} looks like a binary file (it contains NUL bytes), not text")
+            if not started and text:
+                text, started = text.removeprefix("\ufeff"), True
+            text = carry + text
+            carry = ""
+            if raw and text.endswith("\r"):
+                text, carry = text[:-1], "\r"
+            if "\r" in text:
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+            if text or not raw:  # the last piece comes even when empty: it carries the final byte count
+                yield text, read
+            if not raw:
+                return
+
+
+def _pending(decoder: codecs.IncrementalDecoder) -> int:
+    try:  # bytes the decoder held back from the previous piece (part of a character)
+        return len(decoder.getstate()[0])
+    except Exception:  # some codecs keep no such state
+        return 0
+
+
 def split_songs(text: str) -> list[str]:
     """Blocks separated by blank lines; surrounding blank lines and trailing spaces dropped."""
     return [s for s in (b.strip("\n").rstrip() for b in _BLANK_LINE.split(text)) if s.strip()]
+
+
+class SongCutter:
+    """split_songs for text that arrives in pieces: push() returns (text, ends_song) parts that join into
+    exactly split_songs's songs. A song longer than `max_buffer` characters comes out in several parts,
+    cut after a line break where it has one, so memory stays bounded."""
+
+    def __init__(self, max_buffer: int = 0) -> None:
+        self.buf = ""
+        self.open = False  # a song was begun in an earlier part and goes on
+        self.max_buffer = max_buffer or CHUNK_BYTES
+
+    def push(self, text: str) -> list[tuple[str, bool]]:
+        buf, out = self.buf + text, []
+        solid = len(buf.rstrip())  # trailing whitespace may be the start of a separator: it waits
+        blocks = _BLANK_LINE.split(buf[:solid])  # every separator here ends before a visible character: final
+        if len(blocks) > 1:
+            done = blocks[:-1]
+            if self.open:  # the first block ends the song begun earlier
+                out.append((done.pop(0).rstrip(), True))
+                self.open = False
+            out += [(song, True) for song in (b.strip("\n").rstrip() for b in done) if song.strip()]
+            buf = buf[solid - len(blocks[-1]) :]
+        solid = len(buf.rstrip())
+        if len(buf) > self.max_buffer and solid:  # a very long song: hand out its head now
+            cut = buf.rfind("\n", 0, solid) + 1
+            if not (self.open or buf[:cut].strip()):
+                cut = solid  # a song's first part must hold a visible character
+            self._block(buf[:cut], False, out)
+            buf = buf[cut:]
+        self.buf = buf
+        return out
+
+    def finish(self) -> list[tuple[str, bool]]:
+        out: list[tuple[str, bool]] = []
+        for block in _BLANK_LINE.split(self.buf):
+            self._block(block, True, out)
+        self.buf = ""
+        return out
+
+    def _block(self, block: str, ends: bool, out: list[tuple[str, bool]]) -> None:
+        if self.open:
+            out.append((block.rstrip() if ends else block, ends))
+            self.open = not ends
+        elif ends:
+            song = block.strip("\n").rstrip()
+            if song.strip():
+                out.append((song, True))
+        else:
+            out.append((block.lstrip("\n"), False))
+            self.open = True
+
+
+def held_out(n_songs: int, val_fraction: float, seed: int) -> set[int]:
+    """Indices of the songs held out for validation (two songs or more)."""
+    n_val = min(n_songs - 1, max(1, round(val_fraction * n_songs)))
+    return set(random.Random(seed).sample(range(n_songs), n_val))
 
 
 def train_val_split(text: str, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -97,8 +255,7 @@ def train_val_split(text: str, val_fraction: float, seed: int) -> tuple[list[str
     if val_fraction <= 0:
         return songs, []
     if len(songs) >= 2:
-        n_val = min(len(songs) - 1, max(1, round(val_fraction * len(songs))))
-        held = set(random.Random(seed).sample(range(len(songs)), n_val))
+        held = held_out(len(songs), val_fraction, seed)
         return [s for i, s in enumerate(songs) if i not in held], [s for i, s in enumerate(songs) if i in held]
     (song,) = songs
     cut = int(len(song) * (1 - val_fraction))
@@ -127,10 +284,13 @@ class BatchStream:
 
     Each epoch starts at a seeded random offset, so windows fall differently every pass.
     The position is plain data, so a resumed run reads exactly the batches it would have.
+    `data` may be a memory-mapped token file: only each window's tokens are read (and made int64).
     """
 
-    def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int, seed: int, shard: tuple[int, int] = (0, 1)):
-        n = data.numel()
+    def __init__(self, data: "np.ndarray | torch.Tensor", batch_size: int, seq_len: int, seed: int,
+                 shard: tuple[int, int] = (0, 1)):
+        self.data = data.numpy() if isinstance(data, torch.Tensor) else data
+        n = len(self.data)
         if n < 2:
             raise CorpusError("the training text is too short: it needs at least two tokens")
         # Shrink the batch (then the window) to fit a tiny corpus rather than refuse it.
@@ -140,36 +300,33 @@ class BatchStream:
         self.cols = (n - 1 - self.room) // self.batch_size
         self.seq_len = min(self.seq_len, self.cols)
         self.windows_per_epoch = self.cols // self.seq_len
-        self.data, self.seed = data, seed
+        self.seed = seed
         self.rank, self.world = shard
         if self.batch_size % self.world:
             raise UsageError(f"--batch-size {self.batch_size} does not split evenly over {self.world} processes")
         self.pos = Position()
-        self._rows = torch.empty(0)
-        self._rows_epoch = -1
+        self._offset, self._offset_epoch = 0, -1
 
-    def _epoch_rows(self, epoch: int) -> torch.Tensor:
-        if self._rows_epoch != epoch:
+    def _epoch_offset(self, epoch: int) -> int:
+        if self._offset_epoch != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            offset = int(torch.randint(0, self.room + 1, (1,), generator=g))
-            B, cols = self.batch_size, self.cols
-            # rows[b] holds cols + 1 tokens so inputs and targets come from one view
-            idx = offset + torch.arange(B).unsqueeze(1) * cols + torch.arange(cols + 1)
-            self._rows = self.data[idx]
-            self._rows_epoch = epoch
-        return self._rows
+            self._offset = int(torch.randint(0, self.room + 1, (1,), generator=g))
+            self._offset_epoch = epoch
+        return self._offset
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(inputs, targets, starts_epoch), each (batch, seq_len)."""
+        """(inputs, targets, starts_epoch), each (batch / processes, seq_len): this process's rows."""
         if self.pos.window >= self.windows_per_epoch:
             self.pos = Position(self.pos.epoch + 1, 0)
-        rows = self._epoch_rows(self.pos.epoch)
-        start = self.pos.window * self.seq_len
-        x = rows[:, start : start + self.seq_len]
-        y = rows[:, start + 1 : start + 1 + self.seq_len]
+        share = self.batch_size // self.world
+        rows = np.arange(self.rank * share, (self.rank + 1) * share)
+        # row b of the epoch is the stream from offset + b * cols; a window is seq_len + 1 of its tokens,
+        # so inputs and targets come from one read
+        start = self._epoch_offset(self.pos.epoch) + rows * self.cols + self.pos.window * self.seq_len
+        window = torch.from_numpy(self.data[start[:, None] + np.arange(self.seq_len + 1)].astype(np.int64))
         fresh = self.pos.window == 0
         self.pos = Position(self.pos.epoch, self.pos.window + 1)
-        return self.my_rows(x, dim=0), self.my_rows(y, dim=0), fresh
+        return window[:, :-1], window[:, 1:], fresh
 
     def my_rows(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This process's contiguous share of the global batch's rows (all of them when alone)."""

@@ -34,6 +34,13 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def share_digest(self, hexdigest: str) -> str:
+        """Rank 0's SHA-256 hex digest on every rank (the others pass anything); waits for rank 0 like a barrier."""
+        if self.size == 1:
+            return hexdigest
+        mine = list(bytes.fromhex(hexdigest)) if self.main else [0] * 32
+        return bytes(int(v) for v in self.sum([float(v) for v in mine])).hex()
+
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """(layers, rows, hidden) per rank -> (layers, all rows, hidden), in rank order."""
         if self.size == 1:

@@ -41,13 +41,14 @@ class RNNLM(nn.Module):
             nn.init.normal_(self.embedding.weight, std=0.1)
 
     @torch.no_grad()
-    def init_output_bias(self, ids: torch.Tensor) -> None:
-        """Start the output at the training text's unigram log-frequencies (add-one smoothed).
+    def init_output_bias(self, counts: torch.Tensor) -> None:
+        """Start the output at the training text's unigram log-frequencies (add-one smoothed);
+        `counts[i]` is how often token i occurs in the training text.
 
         Otherwise Adam needs thousands of small steps just to move the biases of thousands of
         characters to their frequencies, and the model sits on a unigram plateau meanwhile.
         """
-        counts = torch.bincount(ids.flatten(), minlength=self.config.vocab_size).float() + 1.0
+        counts = counts.float() + 1.0
         self.head.bias.copy_((counts / counts.sum()).log())
 
     def forward(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -18,14 +19,15 @@ from rnngen.checkpoint import (
     write_config,
 )
 from rnngen.config import ModelConfig, TrainConfig
-from rnngen.data import BatchStream, Corpus, Position, count_chars, train_val_split
+from rnngen import tokens
+from rnngen.data import BatchStream, Corpus, CorpusFiles, Position
 from rnngen.device import autocast, pick_device, pick_dtype
 from rnngen.distributed import World, join, leave, process_rank
 from rnngen.errors import CorpusError, ModelError, UsageError
 from rnngen.model import RNNLM, sum_nll
 from rnngen.novelty import INDEX_FILE, MAX_INDEX_CHARS, CorpusIndex
 from rnngen.sampler import SamplingSettings, generate_ids
-from rnngen.tokenizer import load_tokenizer, train_tokenizer
+from rnngen.tokenizer import load_tokenizer
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
 BUDGET_KEYS = ("max_steps", "epochs", "time_limit", "patience")
@@ -65,7 +67,7 @@ def _detach(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
-def train(corpus: Corpus, out_dir: Path, *args: Any, **kwargs: Any) -> TrainResult:
+def train(corpus: Corpus | CorpusFiles, out_dir: Path, *args: Any, **kwargs: Any) -> TrainResult:
     """Train (or resume) a model in `out_dir` and return how it ended; see _train for the arguments.
 
     The directory is locked for the run, so two trainings cannot write it at once.
@@ -86,7 +88,7 @@ def train(corpus: Corpus, out_dir: Path, *args: Any, **kwargs: Any) -> TrainResu
 
 
 def _train(
-    corpus: Corpus,
+    corpus: Corpus | CorpusFiles,
     out_dir: Path,
     model_options: dict[str, Any],
     config: TrainConfig,
@@ -100,13 +102,18 @@ def _train(
 ) -> TrainResult:
     world, dev = join(pick_device(device))
     emit = on_progress if (on_progress and world.main) else (lambda kind, info: None)
-    corpus_info = {"sha256": corpus.sha256, "bytes": corpus.size, "sources": corpus.sources, "encoding": corpus.encoding}
 
     saved: dict[str, Any] | None = None
+    scanned: tokens.Scan | None = None
     new_corpus = False
+    tokenizer = None
+    started = time.perf_counter()
     if resume:
         meta = read_config(out_dir)
-        new_corpus = meta.get("corpus", {}).get("sha256") != corpus.sha256
+        if world.main:  # the hash alone first: with an unchanged corpus the token cache is likely still good
+            scanned = tokens.scan(corpus, emit, full=False)
+        sha = world.share_digest(scanned.sha256 if scanned else "")
+        new_corpus = meta.get("corpus", {}).get("sha256") != sha
         if new_corpus and not fine_tune:
             raise CorpusError(
                 f"this corpus differs from the one {out_dir} was trained on (SHA-256 mismatch); "
@@ -122,15 +129,21 @@ def _train(
     dtype = pick_dtype(config.precision, dev)
     _check_budget(config)
 
-    train_songs, val_songs = train_val_split(corpus.text, config.val_fraction, config.seed)
-    if not resume:
-        if world.main:
-            emit("info", {"message": f"building the {config.tokenizer} tokenizer"})
-            tokenizer = train_tokenizer(config.tokenizer, train_songs, config.vocab_size, config.spm_model_type)
+    # rank 0 tokenises the corpus into the model directory once; the other ranks wait, then map the same files
+    if world.main:
+        reuse = scanned is not None and tokens.cached(out_dir, scanned.sha256, config, tokenizer)
+        if not reuse:
+            tokenizer, scanned = tokens.build(corpus, out_dir, config, tokenizer, emit, scanned)
+        if not resume:
             tokenizer.save(out_dir)
-        world.barrier()
-        if not world.main:  # every rank uses the very tokenizer rank 0 saved
-            tokenizer = load_tokenizer(config.tokenizer, out_dir)
+        emit("tokenized", {"bytes": scanned.bytes, "seconds": time.perf_counter() - started, "cached": reuse})
+    sha = world.share_digest(scanned.sha256 if scanned else "")
+    if tokenizer is None:  # every rank uses the very tokenizer rank 0 saved
+        tokenizer = load_tokenizer(config.tokenizer, out_dir)
+    data = tokens.load(out_dir, sha)
+    corpus_info = {"sha256": sha, "bytes": scanned.bytes if scanned else 0, "sources": corpus.sources,
+                   "encoding": corpus.encoding}
+    if not resume:
         torch.manual_seed(config.seed)
         try:
             model_config = ModelConfig(vocab_size=tokenizer.vocab_size, **model_options)
@@ -144,14 +157,13 @@ def _train(
     else:
         model = RNNLM(model_config)
 
-    train_ids = tokenizer.encode_songs(train_songs)
-    val_ids = torch.cat([torch.tensor([tokenizer.eos_id]), tokenizer.encode_songs(val_songs)])
-    val_chars = count_chars(val_songs)
-    val_chars_per_token = val_chars / max(1, val_ids.numel() - 1)  # bits/char from nats/token
-    val_eval_ids = val_ids[: config.val_tokens + 1]
-    batches = BatchStream(train_ids, config.batch_size, config.seq_len, config.seed, shard=(world.rank, world.size))
+    val_ids = torch.cat([torch.tensor([tokenizer.eos_id]), torch.from_numpy(data.val[: config.val_tokens].astype(np.int64))])
+    val_chars = data.val_chars
+    val_chars_per_token = val_chars / max(1, len(data.val))  # bits/char from nats/token
+    val_eval_ids = val_ids
+    batches = BatchStream(data.train, config.batch_size, config.seq_len, config.seed, shard=(world.rank, world.size))
     if saved is None:
-        model.init_output_bias(train_ids)
+        model.init_output_bias(torch.from_numpy(data.counts))
     model.to(dev)
     opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
     # each rank reads its share of the streams; DDP averages the gradients, so the step equals a
@@ -176,8 +188,8 @@ def _train(
             raise UsageError(f"cannot resume from {out_dir}/trainer.pt: it does not match this model ({exc})") from None
 
     if resume and new_corpus and world.main:
-        unknown = int((train_ids == tokenizer.unk_id).sum())
-        emit("info", {"message": f"fine-tuning on new text: {unknown:,} of its {train_ids.numel():,} training tokens "
+        unknown = int(data.counts[tokenizer.unk_id])
+        emit("info", {"message": f"fine-tuning on new text: {unknown:,} of its {len(data.train):,} training tokens "
                                  "are outside the model's vocabulary and read as unknown"})
         meta = read_config(out_dir)
         meta["corpus"], meta["fine_tuned_from_corpus"] = corpus_info, meta.get("corpus")
@@ -185,11 +197,11 @@ def _train(
         old = CorpusIndex.load(out_dir)
         _write_index(out_dir, (old.text + "\n\n" if old else "") + corpus.text, emit)  # the model knows both texts
     amp = autocast(dev, dtype)
-    chars_per_token = count_chars(train_songs) / max(1, train_ids.numel())
+    chars_per_token = data.train_chars / max(1, len(data.train))
     total_steps = _total_steps(config, batches.windows_per_epoch)
     emit("start", {
         "directory": str(out_dir), "device": str(dev), "precision": str(dtype).removeprefix("torch."),
-        "params": sum(p.numel() for p in model.parameters()), "train_tokens": train_ids.numel(),
+        "params": sum(p.numel() for p in model.parameters()), "train_tokens": len(data.train),
         "val_chars": val_chars, "vocab_size": tokenizer.vocab_size, "batch_size": batches.batch_size,
         "processes": world.size,
         "seq_len": batches.seq_len, "total_steps": total_steps, "time_limit": config.time_limit, "step": step,
