@@ -153,7 +153,7 @@ def _train(
         if world.main:
             write_config(out_dir, build_meta(model_config, config, tokenizer, corpus_info))
             (out_dir / METRICS_FILE).unlink(missing_ok=True)
-            _write_index(out_dir, corpus.text, emit)
+            _write_index(out_dir, corpus, scanned.bytes, emit)
     else:
         model = RNNLM(model_config)
 
@@ -194,8 +194,7 @@ def _train(
         meta = read_config(out_dir)
         meta["corpus"], meta["fine_tuned_from_corpus"] = corpus_info, meta.get("corpus")
         write_config(out_dir, meta)
-        old = CorpusIndex.load(out_dir)
-        _write_index(out_dir, (old.text + "\n\n" if old else "") + corpus.text, emit)  # the model knows both texts
+        _write_index(out_dir, corpus, scanned.bytes, emit, before=CorpusIndex.load(out_dir))  # the model knows both
     amp = autocast(dev, dtype)
     chars_per_token = data.train_chars / max(1, len(data.train))
     total_steps = _total_steps(config, batches.windows_per_epoch)
@@ -315,9 +314,14 @@ def _train(
     return TrainResult(out_dir, step, stop_reason, best_loss, best_bpc)
 
 
-def _write_index(out_dir: Path, text: str, emit: ProgressFn) -> None:
-    """Keep the training text's copy-check index in the model directory (for sample --max-copy)."""
-    if len(text) > MAX_INDEX_CHARS:
+def _write_index(out_dir: Path, corpus: Corpus | CorpusFiles, size: int, emit: ProgressFn,
+                 before: CorpusIndex | None = None) -> None:
+    """Keep the training text's copy-check index in the model directory (for sample --max-copy);
+    `before` is the index of the text a fine-tuned model learnt first."""
+    text = ""
+    if size <= 4 * MAX_INDEX_CHARS:  # a character is at most 4 bytes: only then can it be small enough
+        text = (before.text + "\n\n" if before else "") + (corpus if isinstance(corpus, Corpus) else corpus.read()).text
+    if not text or len(text) > MAX_INDEX_CHARS:
         (out_dir / INDEX_FILE).unlink(missing_ok=True)
         emit("info", {"message": f"the corpus has over {MAX_INDEX_CHARS:,} characters: no copy-check index, "
                                  "so sample --max-copy will not work with this model"})
