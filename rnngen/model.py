@@ -54,15 +54,21 @@ class RNNLM(nn.Module):
     def forward(
         self, ids: torch.Tensor, state: State | None = None, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
-        """ids (batch, seq) -> logits (batch, seq, vocab), new state, mean loss if targets given."""
+        """ids (batch, seq) -> logits (batch, seq, vocab), new state, None; or, given targets
+        (batch, seq): None, new state, mean cross-entropy. The loss is worked out a slice of
+        positions at a time, so (batch x seq x vocab) logits never exist at once."""
         # the recurrent layers run time-major: oneDNN's LSTM measured ~10 % faster that way
         x = self.drop(self.embedding(ids.t()))  # (seq, batch, embedding)
         y, state = self.rnn(x, state)
-        logits = self.head(self.drop(y))  # (seq, batch, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.t().flatten())
-        return logits.transpose(0, 1), state, loss
+        y = self.drop(y)
+        if targets is None:
+            return self.head(y).transpose(0, 1), state, None
+        flat, want = y.flatten(0, 1), targets.t().flatten()
+        if torch.is_grad_enabled():
+            loss = _HeadLoss.apply(flat, self.head.weight, self.head.bias, want)
+        else:
+            loss = head_nll(flat, self.head.weight, self.head.bias, want) / want.numel()
+        return None, state, loss
 
     # ---- one token at a time, for sampling -------------------------------------------------
     # nn.LSTM called per token pays a large fixed cost per call; one fused matmul per layer is
@@ -126,6 +132,58 @@ class RNNLM(nn.Module):
         return self.head(x), new_state
 
 
+HEAD_CHUNK_ELEMENTS = 1 << 22  # logits made at once by the loss: 16 MB in float32
+
+
+def _chunks(rows: int, vocab: int) -> tuple[range, int]:
+    step = max(64, HEAD_CHUNK_ELEMENTS // vocab)
+    return range(0, rows, step), step
+
+
+def head_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of linear(hidden) against targets, a slice of rows at a time (no grad)."""
+    starts, step = _chunks(hidden.size(0), weight.size(0))
+    total = torch.zeros((), device=hidden.device)
+    for s in starts:
+        logits = F.linear(hidden[s : s + step], weight, bias).float()
+        total += F.cross_entropy(logits, targets[s : s + step], reduction="sum")
+    return total
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of linear(hidden) against targets, with the gradients worked out in the
+    same sliced pass (softmax minus one-hot is all backward needs), so a big vocabulary costs
+    (slice x vocab) memory instead of three (positions x vocab) tensors, and nothing is recomputed.
+    One backward call, so DistributedDataParallel's hooks see an ordinary graph."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor):
+        n = hidden.size(0)
+        g_hidden = torch.empty_like(hidden)
+        g_weight = torch.zeros(weight.shape, device=weight.device)
+        g_bias = torch.zeros(bias.shape, device=bias.device)
+        total = torch.zeros((), device=hidden.device)
+        starts, step = _chunks(n, weight.size(0))
+        for s in starts:
+            h, t = hidden[s : s + step], targets[s : s + step]
+            logits = F.linear(h, weight, bias).float()  # (slice, vocab)
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+            grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            grad.div_(n)
+            g_hidden[s : s + step] = grad.to(h.dtype) @ weight.to(h.dtype)
+            g_weight += grad.t().to(h.dtype) @ h
+            g_bias += grad.sum(0)
+        ctx.save_for_backward(g_hidden, g_weight.to(weight.dtype), g_bias.to(bias.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        g_hidden, g_weight, g_bias = ctx.saved_tensors
+        return g_hidden * g, g_weight * g, g_bias * g, None
+
+
 @torch.no_grad()
 def sum_nll(model: RNNLM, ids: torch.Tensor, streams: int = 64, seq_len: int = 256, amp=None) -> tuple[float, int]:
     """Total negative log-likelihood (nats) of predicting ids[1:] from what precedes, and the count.
@@ -158,7 +216,7 @@ def sum_nll(model: RNNLM, ids: torch.Tensor, streams: int = 64, seq_len: int = 2
             y = block[:, start + 1 : start + 1 + seq_len]
             x = x[:, : y.size(1)]
             with amp or nullcontext():
-                logits, state, _ = model(x, state)
-            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+                _, state, loss = model(x, state, y)
+            total += loss.item() * y.numel()
     model.train(was_training)
     return total, n

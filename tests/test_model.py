@@ -86,3 +86,27 @@ def test_sampler_stays_inside_top_k_and_top_p(k, p, temperature, seed):
 def test_tie_weights_needs_equal_sizes():
     with pytest.raises(ValueError):
         RNNLM(ModelConfig(vocab_size=10, hidden_size=16, embedding_dim=8, tie_weights=True))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_sliced_loss_matches_plain_cross_entropy(monkeypatch, tie):
+    """The training loss, made a slice of positions at a time, gives the same loss and gradients."""
+    import rnngen.model as m
+
+    monkeypatch.setattr(m, "HEAD_CHUNK_ELEMENTS", 97 * 64)  # several slices, the last one short
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, hidden_size=16, embedding_dim=16, num_layers=2, tie_weights=tie)
+    model = RNNLM(cfg)
+    x, y = torch.randint(0, 97, (5, 31)), torch.randint(0, 97, (5, 31))
+    _, _, loss = model(x, None, y)
+    loss.backward()
+    sliced = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits, _, _ = model(x)
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    plain.backward()
+    assert torch.allclose(loss, plain, atol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.allclose(sliced[name], p.grad, atol=1e-6), name
+    with torch.no_grad():
+        assert torch.allclose(model(x, None, y)[2], plain, atol=1e-6)
