@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -296,7 +297,11 @@ def _spm_sample(corpus: Corpus | CorpusFiles, split: Split, emit: Emit) -> list[
 def _open(path: Path, dtype: np.dtype) -> np.ndarray:
     if path.stat().st_size == 0:  # numpy cannot map an empty file
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise"):  # training reads short windows all over the file: read-ahead only fills memory
+        mapped.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapped, dtype=dtype)  # keeps the mapping alive
 
 
 def load(directory: Path, sha: str) -> TokenData:
