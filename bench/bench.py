@@ -1,6 +1,6 @@
 """rnngen speed benchmark: run by hand, prints figures and ratios measured in the same run.
 
-    python bench/bench.py [--corpus TEXT] [--ref PATH/TO/ref_lstm.py] [--repeats 3] [--steps 12]
+    python bench/bench.py [--corpus TEXT] [--ref PATH/TO/ref_lstm.py] [--repeats 3] [--steps 6] [--device cuda]
 
 Measures, on this machine and in this run: the fp32 and bf16 matmul peak; rnngen's training
 throughput (chars/s and model-FLOPs utilisation) for the default model and for the 2x512
@@ -44,14 +44,21 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: torch.device = torch.device("cpu")) -> float:
     """The best of `repeats` timings: a peak, not a typical figure (this is what MFU divides by)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     a @ b
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
@@ -66,16 +73,19 @@ def exact_flops_per_char(cfg: ModelConfig) -> float:
     return flops + 3 * 2 * cfg.hidden_size * cfg.vocab_size
 
 
-def train_throughput(cfg: ModelConfig, tcfg: TrainConfig, steps: int, repeats: int) -> float:
+def train_throughput(cfg: ModelConfig, tcfg: TrainConfig, steps: int, repeats: int,
+                     device: torch.device = torch.device("cpu")) -> float:
     """chars/s of rnngen's training step (the same forward/backward/clip/AdamW as train.py)."""
     from rnngen.device import autocast, pick_dtype
     from rnngen.train import _param_groups
 
     torch.manual_seed(0)
-    model = RNNLM(cfg).train()
+    model = RNNLM(cfg).train().to(device)
     opt = torch.optim.AdamW(_param_groups(model, tcfg.weight_decay), lr=1e-3)
-    amp = autocast(torch.device("cpu"), pick_dtype(tcfg.precision, torch.device("cpu")))
-    x = torch.randint(0, cfg.vocab_size, (tcfg.batch_size, tcfg.seq_len))
+    dtype = pick_dtype(tcfg.precision, device)
+    amp = autocast(device, dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    x = torch.randint(0, cfg.vocab_size, (tcfg.batch_size, tcfg.seq_len), device=device)
     state = [None]
 
     def run():
@@ -83,18 +93,22 @@ def train_throughput(cfg: ModelConfig, tcfg: TrainConfig, steps: int, repeats: i
             with amp:
                 _, h, loss = model(x, state[0], x)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             state[0] = tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()
+        loss.item()  # waits for the GPU
 
     return steps * x.numel() / median_time(run, repeats, warmup=1)
 
 
-def sample_throughput(cfg: ModelConfig, streams: int, length: int, repeats: int) -> float:
+def sample_throughput(cfg: ModelConfig, streams: int, length: int, repeats: int,
+                      device: torch.device = torch.device("cpu")) -> float:
     torch.manual_seed(0)
     chars = [chr(0x4E00 + i) for i in range(cfg.vocab_size - 2)]
-    loaded = LoadedModel(RNNLM(cfg).eval(), CharTokenizer(chars), Path("."), {})
+    loaded = LoadedModel(RNNLM(cfg).eval().to(device), CharTokenizer(chars), Path("."), {})
     req = lambda: SampleRequest(seed_text="", length=length, settings=SamplingSettings(0.8), num_samples=streams,
                                 random_seed=1)
     t = median_time(lambda: sum(1 for _ in generate(loaded, req())), repeats)
@@ -125,7 +139,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=6, help="training steps per timed repeat")
     p.add_argument("--sample-length", type=int, default=500)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (model FLOPs utilisation is then of the GPU's peak)")
     a = p.parse_args()
+    dev = torch.device(a.device)
 
     if not Path(a.corpus).is_file():
         sys.exit(f"no corpus at {a.corpus}; pass --corpus FILE (any UTF-8 text; tinyshakespeare in the issue's figures)")
@@ -133,10 +149,12 @@ def main() -> None:
     vocab = len(set(text)) + 2
     row = lambda k, v: print(f"{k:<58} {v}", flush=True)
     row("torch / threads / fast bf16 on this CPU", f"{torch.__version__} / {torch.get_num_threads()} / {cpu_has_fast_bf16()}")
-    peak32 = matmul_peak(torch.float32, repeats=20)
+    if dev.type == "cuda":
+        row("GPU", torch.cuda.get_device_name())
+    peak32 = matmul_peak(torch.float32, repeats=20, device=dev)
     # without AMX / AVX512-BF16, bf16 matmul is emulated and ~100x slower: a small size will do
-    n16 = 2048 if cpu_has_fast_bf16() else 256
-    peak16 = matmul_peak(torch.bfloat16, n=n16, repeats=10 if n16 == 2048 else 2)
+    n16 = 2048 if cpu_has_fast_bf16() or dev.type == "cuda" else 256
+    peak16 = matmul_peak(torch.bfloat16, n=n16, repeats=10 if n16 == 2048 else 2, device=dev)
     row("matmul peak fp32, 2048^2 (GFLOPS)", f"{peak32:.0f}")
     row(f"matmul peak bf16, {n16}^2 (GFLOPS)", f"{peak16:.1f}")
     best_peak = max(peak32, peak16)
@@ -149,22 +167,23 @@ def main() -> None:
         tcfg = TrainConfig(batch_size=64, seq_len=128) if name == "2x512" else TrainConfig()
         if name == "2x512" and len(shapes) == 1:
             name = "2x512 (= the default model)"
-        cps = train_throughput(cfg, tcfg, a.steps, a.repeats)
+        cps = train_throughput(cfg, tcfg, a.steps, a.repeats, dev)
         gflops = cps * exact_flops_per_char(cfg) / 1e9
         results[name.split(" ")[0]] = cps
         row(f"rnngen train {name} ({cfg.num_layers}x{cfg.hidden_size}, batch {tcfg.batch_size}x{tcfg.seq_len})",
             f"{cps:,.0f} chars/s, {gflops:.0f} GFLOPS, MFU {gflops / best_peak:.0%} of best peak")
 
     ref_cps = ref_sample = None
-    if a.ref.exists():
+    if a.ref.exists() and dev.type == "cpu":
         runs = [ref_run(a.ref, a.corpus, "bench", ["--steps", str(a.steps * 2 + 5)]) for _ in range(a.repeats)]
         ref_cps = statistics.median(r["chars_s"] for r in runs)
         row("ref_lstm.py train 2x512 fp32 (batch 64x128)", f"{ref_cps:,.0f} chars/s")
-        ref_sample = ref_run(a.ref, a.corpus, "sample", [])["carried_2000_chars_s"]
+        ref_sample = statistics.median(ref_run(a.ref, a.corpus, "sample", [])["carried_2000_chars_s"]
+                                       for _ in range(a.repeats))
         row("ref_lstm.py sample, one stream", f"{ref_sample:,.0f} chars/s")
 
-    one = sample_throughput(reference, 1, a.sample_length, a.repeats)
-    many = sample_throughput(reference, 64, a.sample_length // 2, a.repeats)
+    one = sample_throughput(reference, 1, a.sample_length, a.repeats, dev)
+    many = sample_throughput(reference, 64, a.sample_length // 2, a.repeats, dev)
     row("rnngen sample 2x512, one stream", f"{one:,.0f} chars/s")
     row("rnngen sample 2x512, 64 streams (total)", f"{many:,.0f} chars/s")
     free, guarded = copy_guard_speed(2000, a.repeats)

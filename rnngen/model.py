@@ -74,8 +74,14 @@ class RNNLM(nn.Module):
     # nn.LSTM called per token pays a large fixed cost per call; one fused matmul per layer is
     # several times faster and gives the same numbers (see bench/).
 
-    def prepare_step(self) -> None:
-        """Cache fused per-layer weights for step(); call again after the weights change."""
+    def prepare_step(self, half: bool = False) -> None:
+        """Cache fused per-layer weights for step(); call again after the weights change.
+
+        half: keep them as float16 (out, in) matrices for one stream on a CPU. Reading the weights
+        once per token is what one stream costs there, and fp16 halves the bytes: measured ~2x
+        faster per layer than fp32 (addmv; fp16 addmm is far slower on CPUs). Logits then differ
+        from forward()'s by ~1e-3, which sampling does not notice.
+        """
         cells = []
         for layer in range(self.config.num_layers):
             w_ih = getattr(self.rnn, f"weight_ih_l{layer}").detach()
@@ -91,7 +97,11 @@ class RNNLM(nn.Module):
                 order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
                 w, b = w[order], b[order]
             cells.append((w.t().contiguous(), b))
-        self._cells = cells
+        head = (self.head.weight.detach().t().contiguous(), self.head.bias.detach())
+        if half:  # matrices as (out, in), see _affine
+            cells = [tuple(t.t().contiguous().half() if t.dim() == 2 else t.half() for t in cell) for cell in cells]
+            head = (head[0].t().contiguous().half(), head[1].half())
+        self._cells, self._head = cells, head
 
     def step_state(self, state: State | None, batch: int, device: torch.device) -> list:
         """Convert an nn-layout state (or None) into the per-layer list step() carries."""
@@ -111,25 +121,32 @@ class RNNLM(nn.Module):
         for cell, s in zip(self._cells, state):
             if kind == "lstm":
                 h, c = s
-                gates = torch.addmm(cell[1], torch.cat([x, h], 1), cell[0])
+                gates = _affine(cell[0], cell[1], torch.cat([x, h], 1))
                 ifo = gates[:, : 3 * H].sigmoid()
                 g = gates[:, 3 * H :].tanh()
                 c = torch.addcmul(ifo[:, H : 2 * H] * c, ifo[:, :H], g)
                 h = ifo[:, 2 * H :] * c.tanh()
                 new_state.append((h, c))
             elif kind == "gru":
-                gi = torch.addmm(cell[1], x, cell[0])
-                gh = torch.addmm(cell[3], s, cell[2])
+                gi = _affine(cell[0], cell[1], x)
+                gh = _affine(cell[2], cell[3], s)
                 ir, iz, inn = gi.split(H, 1)
                 hr, hz, hn = gh.split(H, 1)
                 r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
                 h = (1 - z) * torch.tanh(inn + r * hn) + z * s
                 new_state.append(h)
             else:
-                h = torch.tanh(torch.addmm(cell[1], torch.cat([x, s], 1), cell[0]))
+                h = torch.tanh(_affine(cell[0], cell[1], torch.cat([x, s], 1)))
                 new_state.append(h)
             x = h
-        return self.head(x), new_state
+        return _affine(*self._head, x), new_state
+
+
+def _affine(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x (batch, in) -> x @ w + b (batch, out), float32. A float16 w is (out, in) and batch is 1."""
+    if w.dtype == torch.float16:
+        return torch.addmv(b, w, x[0].half()).float().unsqueeze(0)
+    return torch.addmm(b, x, w)
 
 
 HEAD_CHUNK_ELEMENTS = 1 << 22  # logits made at once by the loss: 16 MB in float32
@@ -170,18 +187,21 @@ class _HeadLoss(torch.autograd.Function):
             lse = logits.logsumexp(-1)
             total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
             grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
-            grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
-            grad.div_(n)
+            grad[torch.arange(t.numel(), device=t.device), t] -= 1.0  # d(sum of losses)/d(logits), within [-1, 1]
             g_hidden[s : s + step] = grad.to(h.dtype) @ weight.to(h.dtype)
             g_weight += grad.t().to(h.dtype) @ h
             g_bias += grad.sum(0)
         ctx.save_for_backward(g_hidden, g_weight.to(weight.dtype), g_bias.to(bias.dtype))
+        ctx.n = n
         return total / n
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
+        # the 1/n of the mean is applied here, with the (loss-scaled, under fp16) upstream gradient:
+        # gradients of a sum stay well inside float16's range, those of a mean could underflow
         g_hidden, g_weight, g_bias = ctx.saved_tensors
-        return g_hidden * g, g_weight * g, g_bias * g, None
+        g = g / ctx.n
+        return g_hidden * g.to(g_hidden.dtype), g_weight * g, g_bias * g, None
 
 
 @torch.no_grad()

@@ -59,8 +59,8 @@ def generate_ids(
     again from what is left, so it ends after at most one draw per token of the vocabulary.
     """
     model.eval()
-    model.prepare_step()
     device = next(model.parameters()).device
+    model.prepare_step(half=batch == 1 and device.type == "cpu")
     x = torch.tensor([prompt] * batch, device=device)
     logits, state, _ = model(x)
     logits = logits[:, -1]

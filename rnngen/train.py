@@ -196,6 +196,9 @@ def _train(
         write_config(out_dir, meta)
         _write_index(out_dir, corpus, scanned.bytes, emit, before=CorpusIndex.load(out_dir))  # the model knows both
     amp = autocast(dev, dtype)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)  # fp16's range needs loss scaling
+    if saved is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
     chars_per_token = data.train_chars / max(1, len(data.train))
     total_steps = _total_steps(config, batches.windows_per_epoch)
     emit("start", {
@@ -219,7 +222,7 @@ def _train(
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "position": {"epoch": batches.pos.epoch, "window": batches.pos.window},
             "step": step, "elapsed": elapsed, "best": best, "bad_evals": bad_evals,
-            "plateau_scale": plateau_scale, "rng": torch.get_rng_state(),
+            "plateau_scale": plateau_scale, "rng": torch.get_rng_state(), "scaler": scaler.state_dict(),
             "hidden": gathered,  # (layers, global batch, hidden): the same layout for any number of processes
         })
 
@@ -266,13 +269,17 @@ def _train(
         x, y, fresh = batches.next()
         if fresh:
             hidden = None  # a new epoch starts the streams afresh
+        if dev.type == "cuda":  # page-locked, so the copy runs alongside the GPU's work
+            x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with amp:
             _, hidden, loss = forward(x, hidden, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
+        scaler.step(opt)  # skipped when fp16 gradients overflowed; the scale then shrinks
+        scaler.update()
         hidden = _detach(hidden)
         step += 1
         losses.append(loss.item())

@@ -37,6 +37,20 @@ def test_step_matches_forward(rnn_type):
             torch.testing.assert_close(step_logits, logits[:, t], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru", "rnn"])
+def test_half_step_for_one_stream_stays_close_to_forward(rnn_type):
+    model = tiny(rnn_type)
+    ids = torch.randint(0, 30, (1, 40))
+    with torch.no_grad():
+        logits, _, _ = model(ids)
+        model.prepare_step(half=True)
+        state = model.step_state(None, 1, torch.device("cpu"))
+        for t in range(ids.size(1)):
+            step_logits, state = model.step(ids[:, t], state)
+            assert step_logits.dtype == torch.float32
+            torch.testing.assert_close(step_logits, logits[:, t], atol=5e-3, rtol=5e-3)
+
+
 @pytest.mark.parametrize("rnn_type,tie", [("lstm", False), ("gru", False), ("rnn", False), ("lstm", True)])
 def test_save_then_load_gives_identical_logits(tmp_path, rnn_type, tie):
     tok = CharTokenizer.train([make_songs(5)])
