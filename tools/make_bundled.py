@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -39,8 +40,7 @@ def main() -> None:
             raise SystemExit(f"{a.corpus} is not the text {OUT} was trained on")
         CorpusIndex.build(corpus.text).save(OUT, with_suffixes=False)
         return
-    for f in OUT.glob("*"):
-        f.unlink()
+    shutil.rmtree(OUT, ignore_errors=True)
     result = train(corpus, OUT, MODEL, TrainConfig(time_limit=a.minutes * 60, patience=0),
                    on_progress=lambda kind, info: print(kind, info, flush=True) if kind in ("start", "eval") else None)
     weights = {k: v.half() for k, v in load_file(OUT / WEIGHTS_FILE).items()}
@@ -48,6 +48,7 @@ def main() -> None:
     (OUT / WEIGHTS_FILE).chmod(0o644)
     (OUT / TRAINER_FILE).unlink()
     (OUT / METRICS_FILE).unlink()
+    shutil.rmtree(OUT / "tokens")  # the token cache is for training, not for sampling
     CorpusIndex.build(corpus.text).save(OUT, with_suffixes=False)
     meta = json.loads((OUT / CONFIG_FILE).read_text(encoding="utf-8"))
     meta["corpus"]["sources"] = [a.corpus.name]  # not this machine's path
