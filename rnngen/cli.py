@@ -480,6 +480,8 @@ def _write_samples(pieces, request, loaded, as_json: bool, index=None) -> None:
         out.write("\n")
         out.flush()
         return
+    from rnngen.novelty import copy_report
+
     texts = [""] * request.num_samples
     for i, text in pieces:
         texts[i] += text
@@ -490,8 +492,6 @@ def _write_samples(pieces, request, loaded, as_json: bool, index=None) -> None:
                       "length": request.length, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
                       "max_copy": request.max_copy, "model": str(loaded.directory)}
             if index is not None:  # how much of the sample occurs verbatim in the training text
-                from rnngen.novelty import copy_report
-
                 record.update(copy_report(index, text).to_dict())
             else:
                 record.update(longest_copy=None, longest_copy_text=None, copied_8gram_share=None)

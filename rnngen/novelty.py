@@ -17,6 +17,7 @@ import torch
 
 from rnngen.checkpoint import atomic_write
 from rnngen.errors import ModelError
+from rnngen.tokenizer import codepoints
 
 INDEX_FILE = "novelty.safetensors"
 DEPTH = 256  # suffixes are sorted by this many characters: the longest run --max-copy can ask about
@@ -175,8 +176,7 @@ def _suffix_array(text: str) -> torch.Tensor:
     n = len(text)
     if n == 0:
         return torch.empty(0, dtype=torch.int64)
-    codes = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
-    _, rank = torch.unique(codes, return_inverse=True)
+    _, rank = torch.unique(codepoints(text), return_inverse=True)
     rank = rank.to(torch.int64) + 1  # 0 is "past the end"
     order = torch.argsort(rank, stable=True)
     k = 1

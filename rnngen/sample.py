@@ -94,23 +94,25 @@ def generate(loaded: LoadedModel, request: SampleRequest, index: CorpusIndex | N
     max_tokens = request.length * 4 + 8  # a byte-fallback token can carry a quarter of a character
     steps = generate_ids(model, prompt, max_tokens, request.settings, generator, batch=n, banned=banned,
                          constraint=constraint, guard=guard)
-    for ids in steps:
+    try:
+        for ids in steps:
+            for i, token in enumerate(ids.tolist()):
+                if remaining[i] <= 0:
+                    continue
+                if token == tok.eos_id and (request.stop_at_end or request.songs):
+                    songs_left[i] -= 1
+                    if request.stop_at_end or songs_left[i] <= 0:
+                        remaining[i] = 0
+                        continue
+                if constraint is not None and constraint.done(i):
+                    remaining[i] = 0  # the line break that ended the last line is not part of the text
+                    continue
+                text = decoders[i].push(token)[: remaining[i]]
+                remaining[i] -= len(text)
+                if text:
+                    yield i, text
+            if max(remaining) <= 0:
+                return
+    finally:  # also when the reader stops early (a closed pipe)
         if guard is not None:
             request.dead_ends = guard.dead_ends
-        for i, token in enumerate(ids.tolist()):
-            if remaining[i] <= 0:
-                continue
-            if token == tok.eos_id and (request.stop_at_end or request.songs):
-                songs_left[i] -= 1
-                if request.stop_at_end or songs_left[i] <= 0:
-                    remaining[i] = 0
-                    continue
-            if constraint is not None and constraint.done(i):
-                remaining[i] = 0  # the line break that ended the last line is not part of the text
-                continue
-            text = decoders[i].push(token)[: remaining[i]]
-            remaining[i] -= len(text)
-            if text:
-                yield i, text
-        if max(remaining) <= 0:
-            return

@@ -83,16 +83,17 @@ def generate_ids(
 def _back_off(guard, logits: torch.Tensor, ids: torch.Tensor, settings: SamplingSettings,
               generator: torch.Generator | None) -> torch.Tensor:
     """Redraw each stream's token until the guard allows it (logits (batch, vocab) are consumed)."""
-    chosen = ids.tolist()
-    for b, token in enumerate(chosen):
+    first = ids.tolist()
+    chosen = list(first)
+    for b, token in enumerate(first):
         row = logits[b : b + 1]
         while not guard.allows(b, token):
             row[0, token] = float("-inf")
             if not torch.isfinite(row).any():  # every token the other rules allow makes a copy:
-                token = chosen[b]  # those rules win (counted, and visible in the copy report)
+                token = first[b]  # those rules win (counted, and visible in the copy report)
                 guard.dead_ends += 1
                 break
             token = int(choose(row, settings, generator)[0])
         chosen[b] = token
         guard.push(b, token)
-    return torch.tensor(chosen, device=ids.device)
+    return ids if chosen == first else torch.tensor(chosen, device=ids.device)

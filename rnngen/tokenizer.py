@@ -52,7 +52,7 @@ class CharTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> "CharTokenizer":
-        seen = torch.unique(torch.cat([_codepoints(t) for t in texts] or [_codepoints("")]))
+        seen = torch.unique(torch.cat([codepoints(t) for t in texts] or [codepoints("")]))
         return cls([chr(c) for c in seen.tolist() if c != 0])
 
     def encode(self, text: str) -> list[int]:
@@ -61,7 +61,7 @@ class CharTokenizer:
 
     def encode_songs(self, songs: list[str]) -> "torch.Tensor":
         """song, eos, song, eos, ... as int64, without a Python step per character."""
-        cps = _codepoints("\0".join(songs) + "\0")  # NUL never occurs in a corpus: it marks song ends
+        cps = codepoints("\0".join(songs) + "\0")  # NUL never occurs in a corpus: it marks song ends
         if not len(self._sorted_codes):
             return torch.where(cps == 0, self.eos_id, self.unk_id).long()
         pos = torch.searchsorted(self._sorted_codes, cps).clamp_(max=len(self._sorted_codes) - 1)
@@ -96,7 +96,8 @@ class CharTokenizer:
         return cls(chars)
 
 
-def _codepoints(text: str) -> "torch.Tensor":
+def codepoints(text: str) -> "torch.Tensor":
+    """The text's Unicode code points as int32, without a Python step per character."""
     raw = bytearray(text.encode("utf-32-le"))
     return torch.frombuffer(raw, dtype=torch.int32) if raw else torch.empty(0, dtype=torch.int32)
 
@@ -203,12 +204,6 @@ class _SpmStream:
         if sp.is_control(token_id) or sp.is_unknown(token_id):
             return pending
         return pending + sp.id_to_piece(token_id).replace("\u2581", " ")
-
-
-def train_tokenizer(kind: str, texts: list[str], vocab_size: int, model_type: str) -> Tokenizer:
-    if kind == "char":
-        return CharTokenizer.train(texts)
-    return SpmTokenizer.train(texts, vocab_size, model_type)
 
 
 def load_tokenizer(kind: str, directory: Path) -> Tokenizer:

@@ -164,6 +164,7 @@ def _routed(corpus: Corpus | CorpusFiles, split: Split, meter: _Meter) -> Iterat
 
 
 def _codepoints(text: str) -> np.ndarray:
+    """Code points as a zero-copy numpy view (tokenizer.codepoints copies into torch; this is the hot loop)."""
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
@@ -225,14 +226,14 @@ def build(corpus: Corpus | CorpusFiles, directory: Path, config: TrainConfig, to
     base.mkdir(exist_ok=True)
     for old in base.iterdir():  # one corpus per model directory: an older one's tokens are stale
         old.unlink()
-    if tok is None:  # provisional ids over every character of the corpus; the vocabulary is the training split's
-        codes = np.flatnonzero(scanned.seen[1:]) + 1
-        dtype = dtype_for(len(codes) + 2)
-        encode = lambda text: table[_codepoints(text)]  # noqa: E731
-        table, vocab = _char_table(codes, dtype), len(codes) + 2
-    elif isinstance(tok, CharTokenizer):
-        dtype = dtype_for(tok.vocab_size)
-        table, vocab = _char_table(np.array([ord(c) for c in tok.itos[2:]], dtype=np.int64), dtype), tok.vocab_size
+    if tok is None or isinstance(tok, CharTokenizer):
+        if tok is None:  # provisional ids over every character of the corpus; the vocabulary is the training split's
+            codes = np.flatnonzero(scanned.seen[1:]) + 1
+        else:
+            codes = np.array([ord(c) for c in tok.itos[2:]], dtype=np.int64)
+        vocab = len(codes) + 2
+        dtype = dtype_for(vocab)
+        table = _char_table(codes, dtype)
         encode = lambda text: table[_codepoints(text)]  # noqa: E731
     else:
         dtype, vocab = dtype_for(tok.vocab_size), tok.vocab_size
