@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +18,17 @@ import torch
 from rnngen import __version__
 from rnngen.config import ModelConfig, TrainConfig, to_dict
 from rnngen.errors import ModelError
+from rnngen.files import atomic_write, fsync_dir
 from rnngen.model import RNNLM
-from rnngen.tokenizer import Tokenizer, load_tokenizer
+from rnngen.tokenizer import CHAR_FILE, SPM_FILE, Tokenizer, load_tokenizer
+from rnngen.tokens import TOKENS_DIR, is_cache_file
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE, METRICS_FILE = "config.json", "model.safetensors", "trainer.pt", "metrics.jsonl"
+INDEX_FILE = "novelty.safetensors"  # the copy-check index (novelty.py)
 LOCK_FILE = "train.lock"
+STAGING_DIR, COMPLETE_MARK = ".rnngen-new", "complete.json"  # a fresh run's files until its first save
+MODEL_FILES = (CONFIG_FILE, CHAR_FILE, SPM_FILE, WEIGHTS_FILE, TRAINER_FILE, METRICS_FILE, INDEX_FILE)
 BUNDLED_NAME = "songci"
 
 
@@ -40,72 +44,169 @@ class LoadedModel:
         return TrainConfig.from_dict(self.meta.get("train", {}))
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write so that `path` always holds either its old or its new content, never a mix."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise ModelError(f"cannot write {path}: {exc.strerror or exc}; the previous version is untouched") from None
-    except BaseException:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @contextmanager
 def locked(directory: Path) -> Iterator[None]:
-    """Hold train.lock (with our pid) in `directory`; a lock left by a dead process is taken over."""
-    path = directory / LOCK_FILE
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise ModelError(f"{directory} is being trained by process {pid}; wait for it or use another --name")
-            path.unlink(missing_ok=True)  # stale: its owner is gone
-            continue
-        except OSError as exc:
-            raise ModelError(f"cannot write in {directory}: {exc.strerror or exc}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    else:
-        raise ModelError(f"cannot take the lock {path}; remove it if no training is running")
+    """Hold train.lock in `directory`: an OS file lock (filelock), which dies with its process."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(directory / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ModelError(f"{directory} is being trained by another rnngen process; wait for it to finish "
+                         "or train into another directory") from None
+    except OSError as exc:
+        raise ModelError(f"cannot write in {directory}: {exc.strerror or exc}") from None
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        lock.release()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+# ---- a model directory's life: a new run is built beside the old model and swapped in -----------
+#
+# A run that starts afresh (a new directory, or --force over an old model) writes its files into
+# STAGING_DIR inside the model directory. At its first complete save (weights and trainer.pt) it
+# writes the list of its files to STAGING_DIR/COMPLETE_MARK and moves them into place; recover()
+# finishes that move after a kill. Until then the old model stays whole, and a killed run leaves
+# only STAGING_DIR, which the next run clears.
+
+
+def is_model_dir(directory: Path) -> bool:
+    """Whether `directory` holds a model rnngen wrote (or one whose swap into place a kill interrupted)."""
+    if (directory / STAGING_DIR / COMPLETE_MARK).is_file():
         return True
-    return True
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("format_version"), int) and "model" in meta
+
+
+def foreign_entries(directory: Path) -> list[str]:
+    """The names in `directory` rnngen did not write (for a directory that holds no model)."""
+    names = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name in (LOCK_FILE, STAGING_DIR):
+            continue
+        if entry.name == TOKENS_DIR and entry.is_dir() and all(is_cache_file(p.name) for p in entry.iterdir()):
+            continue
+        names.append(entry.name)
+    return names
+
+
+def check_out_dir(out_dir: Path, resume: bool, force: bool) -> bool:
+    """Whether a training run in `out_dir` resumes (True) or starts afresh (False).
+
+    Refuses what would lose data: replacing a model without --force, or writing into a folder
+    of the user's files (with --force only beside them, never over one of them)."""
+    if not out_dir.exists():
+        if resume:
+            raise ModelError(f"nothing to resume in {out_dir}; train without --resume first")
+        return False
+    if not out_dir.is_dir():
+        raise ModelError(f"{out_dir} exists and is not a directory; choose another --name or --out")
+    if is_model_dir(out_dir):
+        if not (resume or force):
+            raise ModelError(f"{out_dir} already holds a model; use --resume to continue it, --force to start "
+                             "over, or another --name / --out for a new one")
+        return resume
+    foreign = foreign_entries(out_dir)
+    if resume and not (out_dir / STAGING_DIR).is_dir():  # a started run that never saved: begin again
+        raise ModelError(f"nothing to resume in {out_dir}; train without --resume first")
+    if foreign and not force:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ModelError(f"{out_dir} is not empty ({shown}) and holds no rnngen model; train into a new or empty "
+                         "directory, or add --force to put the model beside these files")
+    clash = [n for n in foreign if n in MODEL_FILES or (n == TOKENS_DIR and not (out_dir / n).is_dir())]
+    if clash:
+        raise ModelError(f"{out_dir / clash[0]} was not written by rnngen and training would replace it; "
+                         "move it away or train into another directory")
+    return False
+
+
+def begin(out_dir: Path, fresh: bool) -> Path:
+    """The directory this run writes to: a clean STAGING_DIR for a fresh run, else `out_dir` itself.
+    Clears what an earlier run left unfinished (under the lock: nobody else is writing)."""
+    import shutil
+
+    recover(out_dir)
+    staging = out_dir / STAGING_DIR
+    if staging.exists():
+        shutil.rmtree(staging)  # a run killed before its first save: only its own files are in there
+    if not fresh:
+        return out_dir
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        raise ModelError(f"cannot write in {out_dir}: {exc.strerror or exc}") from None
+    return staging
+
+
+def abandon(out_dir: Path) -> None:
+    """A fresh run that ends before its first save leaves nothing behind."""
+    import shutil
+
+    staging = out_dir / STAGING_DIR
+    if staging.is_dir() and not (staging / COMPLETE_MARK).exists():
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def commit(out_dir: Path) -> None:
+    """Swap a fresh run's first complete save into place (the old model's files go)."""
+    staging = out_dir / STAGING_DIR
+    names = [n for n in MODEL_FILES if (staging / n).exists()]
+    atomic_write(staging / COMPLETE_MARK, json.dumps(names).encode("utf-8"))
+    recover(out_dir)
+
+
+def recover(out_dir: Path) -> None:
+    """Finish a commit() that a kill interrupted; does nothing otherwise. Safe to repeat."""
+    staging = out_dir / STAGING_DIR
+    mark = staging / COMPLETE_MARK
+    try:
+        names = json.loads(mark.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{mark} is damaged ({exc}); remove {staging} to keep the previous model") from None
+    try:
+        for name in MODEL_FILES:
+            if name not in names:
+                (out_dir / name).unlink(missing_ok=True)  # the old model's file that the new one does not have
+            elif (staging / name).exists():
+                os.replace(staging / name, out_dir / name)
+        fsync_dir(out_dir)
+        mark.unlink()
+        staging.rmdir()
+    except OSError as exc:
+        raise ModelError(f"cannot finish saving the model in {out_dir}: {exc.strerror or exc}") from None
+
+
+def remove_if_only_ours(out_dir: Path) -> None:
+    """Remove a directory this run created when nothing of a model is in it (a run that failed early)."""
+    try:
+        if not out_dir.is_dir() or foreign_entries(out_dir) or (out_dir / STAGING_DIR).exists():
+            return
+        tokens = out_dir / TOKENS_DIR
+        if tokens.is_dir():
+            for p in tokens.iterdir():
+                if is_cache_file(p.name):
+                    p.unlink()
+            tokens.rmdir()
+        (out_dir / LOCK_FILE).unlink(missing_ok=True)
+        out_dir.rmdir()
+    except OSError:
+        pass  # best effort: what remains is still only rnngen's
 
 
 def write_config(directory: Path, meta: dict[str, Any]) -> None:
     rest = {k: v for k, v in meta.items() if k not in ("format_version", "rnngen_version")}
     meta = {"format_version": FORMAT_VERSION, "rnngen_version": __version__, **rest}
-    atomic_write(directory / CONFIG_FILE, json.dumps(meta, ensure_ascii=False, indent=2).encode("utf-8"))
+    text = json.dumps(meta, ensure_ascii=False, indent=2, allow_nan=False)
+    # a file name that is not valid UTF-8 holds lone surrogates (Python's surrogateescape): written as
+    # JSON escapes ("\udce9"), they read back as the same name
+    atomic_write(directory / CONFIG_FILE, text.encode("utf-8", "backslashreplace"))
 
 
 def build_meta(model_config: ModelConfig, train_config: TrainConfig, tokenizer: Tokenizer, corpus: dict) -> dict:
@@ -121,6 +222,9 @@ def save_weights(directory: Path, model: RNNLM) -> None:
     from safetensors.torch import save
 
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    bad = next((k for k, v in tensors.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:  # never replace good weights with diverged ones
+        raise ModelError(f"not saving {directory / WEIGHTS_FILE}: {bad} holds non-finite values (nan or inf)")
     if model.config.tie_weights:
         tensors.pop("head.weight")  # the same tensor as embedding.weight
     atomic_write(directory / WEIGHTS_FILE, save(tensors))

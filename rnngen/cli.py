@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover
 
 from rnngen import __version__
 from rnngen.config import ModelConfig, TrainConfig
-from rnngen.errors import ModelError, RnngenError, UsageError
+from rnngen.errors import Interrupted, ModelError, RnngenError, UsageError
 
 _T, _M = TrainConfig(), ModelConfig(vocab_size=0)  # the defaults, defined once in config.py
 
@@ -188,8 +188,9 @@ def train(
         overrides = {k: (v or None) if k != "patience" else v for k, v in overrides.items()}  # 0 = no limit
         resume = resume or fine_tune
         out_dir = _model_dir(corpus, name, out)
-        _check_out_dir(out_dir, resume, force)
-        text = open_corpus(corpus, encoding)  # files stay on disk: training streams them into a token cache
+        from rnngen.checkpoint import check_out_dir
+
+        check_out_dir(out_dir, resume, force)  # before reading a big corpus (train() checks again, locked)
         config = TrainConfig(
             tokenizer=tokenizer, vocab_size=vocab_size, spm_model_type=spm_model_type, batch_size=batch_size,
             seq_len=seq_len, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
@@ -201,10 +202,22 @@ def train(
 
         main = process_rank() == 0  # under torchrun, only rank 0 talks
         stop = _StopFlag(announce=main)
-        with TrainDisplay(enabled=main and not quiet) as display, stop.installed():
-            result = run_training(text, out_dir, model_options, config, resume=resume, fine_tune=fine_tune,
-                                  budget_overrides=overrides,
-                                  device=device, on_progress=display.update, should_stop=stop)
+
+        def progress(kind: str, info: dict) -> None:
+            if kind == "start":  # from here on a signal stops training after its step
+                stop.training = True
+            display.update(kind, info)
+
+        try:
+            with TrainDisplay(enabled=main and not quiet) as display, stop.installed(), \
+                    open_corpus(corpus, encoding) as text:  # files stay on disk: training streams them
+                result = run_training(text, out_dir, model_options, config, resume=resume, force=force,
+                                      fine_tune=fine_tune, budget_overrides=overrides, device=device,
+                                      on_progress=progress, should_stop=stop)
+        except Interrupted as exc:
+            if main:
+                _err("Interrupted before training started; nothing was saved.")
+            raise typer.Exit(128 + exc.signum) from None
         if not main:
             raise typer.Exit(128 + stop.signum if result.stop_reason == "interrupted" else 0)
         if result.stop_reason == "interrupted":
@@ -232,32 +245,25 @@ def _model_dir(corpus: list[str], name: Optional[str], out: Optional[Path]) -> P
     return Path("models") / name
 
 
-def _check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
-    from rnngen.checkpoint import CONFIG_FILE
-
-    exists = (out_dir / CONFIG_FILE).exists()
-    if resume and not exists:
-        raise RnngenError(f"nothing to resume in {out_dir}; train without --resume first")
-    if exists and not (resume or force):
-        raise RnngenError(
-            f"{out_dir} already holds a model; use --resume to continue it, --force to start over, or --name for a new one"
-        )
-
-
 class _StopFlag:
-    """First Ctrl-C / SIGTERM: finish the step and save. Second: exit at once.
-
-    Checkpoint files are replaced atomically, so exiting at any moment leaves the last good one.
+    """Before training's first step (reading, tokenising, indexing) Ctrl-C / SIGTERM stop at once,
+    cleaning up as the exception unwinds. During training, the first finishes the step and saves;
+    a second exits at once. Checkpoint files are replaced atomically, so exiting at any moment
+    leaves the last good one.
     """
 
     def __init__(self, announce: bool = True) -> None:
         self.signum = 0
         self.announce = announce
+        self.training = False  # set when the first step is about to run
 
     def __call__(self) -> bool:
         return self.signum != 0
 
     def _handle(self, signum, frame) -> None:
+        if not self.training:
+            self.signum = signum
+            raise Interrupted(signum)
         if self.signum:
             os.write(2, b"\nStopped at once; the last checkpoint is intact.\n" if self.announce else b"")
             os._exit(128 + self.signum)

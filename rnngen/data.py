@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import os
 import random
 import re
+import stat
 import sys
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -52,27 +55,111 @@ def read_corpus(inputs: list[str], encoding: str = "utf-8") -> Corpus:
 
 @dataclass
 class CorpusFiles:
-    """A corpus left on disk and read in streaming passes (iter_text), for corpora too big to hold as one str."""
+    """A corpus left on disk and read in streaming passes (iter_text), for corpora too big to hold as one str.
 
-    sources: list[str]  # absolute paths, in reading order
+    A context manager: leaving it removes the temporary copies of streams (see open_corpus)."""
+
+    sources: list[str]  # what the user gave, in reading order: absolute paths, "-" for stdin, or a stream's name
     encoding: str
+    paths: list[str] = field(default_factory=list)  # the files read, in the same order (a stream's copy)
+    spooled: list[str] = field(default_factory=list)  # the temporary copies among them
+
+    def __post_init__(self) -> None:
+        self.paths = self.paths or list(self.sources)
 
     def read(self) -> Corpus:
         """The whole text in memory: only for small corpora."""
-        return read_corpus(self.sources, self.encoding)
+        return read_corpus(self.paths, self.encoding)
+
+    def close(self) -> None:
+        for name in self.spooled:
+            Path(name).unlink(missing_ok=True)
+        self.spooled = []
+
+    def __enter__(self) -> "CorpusFiles":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def open_corpus(inputs: list[str], encoding: str = "utf-8") -> Corpus | CorpusFiles:
-    """Files and directories stay on disk (streamed later); stdin ("-") is read now, as it can be read only once."""
+def open_corpus(inputs: list[str], encoding: str = "utf-8") -> CorpusFiles:
+    """Files and directories stay on disk, to be streamed (twice: to hash, then to tokenise). What can
+    be read only once (stdin "-", a FIFO, a process substitution's /dev/fd/N) is copied to a
+    temporary file first, checked as it is read; use the result as a context manager to remove it."""
     if not inputs:
         raise CorpusError("no corpus given; pass a text file, a directory of .txt files, or - for stdin")
-    if "-" in inputs:
-        return read_corpus(inputs, encoding)
     try:
         codecs.lookup(encoding)
     except LookupError:
         raise CorpusError(f"unknown --encoding {encoding!r}; try utf-8, gbk, big5 or utf-16") from None
-    return CorpusFiles([str(p.resolve()) for item in inputs for p in _list_files(item)], encoding)
+    corpus = CorpusFiles([], encoding)
+    try:
+        for item in inputs:
+            if item == "-" or is_stream(item):
+                corpus.spooled.append(_spool(item, encoding))
+                corpus.sources.append(item if item == "-" else os.path.abspath(item))
+                corpus.paths.append(corpus.spooled[-1])
+            else:
+                found = [str(p.resolve()) for p in _list_files(item)]
+                corpus.sources.extend(found)
+                corpus.paths.extend(found)
+    except BaseException:
+        corpus.close()
+        raise
+    return corpus
+
+
+def is_stream(item: str) -> bool:
+    """A named pipe, a /dev/fd/N, a character device: anything that exists but is neither file nor directory."""
+    try:
+        mode = os.stat(item).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _spool(item: str, encoding: str) -> str:
+    """Copy a stream to a temporary file, checking as it goes that it is text (so /dev/zero fails fast)."""
+    name = "stdin" if item == "-" else item
+    if item == "-":
+        if sys.stdin is None:
+            raise CorpusError("stdin is closed; pass the corpus as a file")
+        src = sys.stdin.buffer
+    else:
+        try:
+            src = open(item, "rb")
+        except OSError as exc:
+            raise CorpusError(f"cannot read {item}: {exc.strerror or exc}") from None
+    fd, tmp = tempfile.mkstemp(prefix="rnngen-corpus-", suffix=".txt")
+    decoder, done, head = codecs.getincrementaldecoder(encoding)(), 0, b""
+    try:
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                try:
+                    raw = src.read(CHUNK_BYTES)
+                except OSError as exc:
+                    raise CorpusError(f"cannot read {name}: {exc.strerror or exc}") from None
+                head = head or raw[:4096]
+                try:
+                    text = decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as exc:
+                    raise _decode_error(exc, head, encoding, name, max(0, done + exc.start - _pending(decoder))) from None
+                if "\x00" in text:
+                    raise CorpusError(f"{name} looks like a binary file (it contains NUL bytes), not text")
+                if not raw:
+                    return tmp
+                out.write(raw)
+                done += len(raw)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise CorpusError(f"cannot copy {name} to a temporary file: {exc.strerror or exc}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        if src is not sys.stdin.buffer:
+            src.close()
 
 
 def _list_files(item: str) -> list[Path]:
@@ -132,7 +219,7 @@ def iter_text(corpus: Corpus | CorpusFiles, chunk_bytes: int = 0) -> Iterator[tu
             yield text[i : i + chunk_bytes], min(len(text), i + chunk_bytes)
         return
     done = 0
-    for n, name in enumerate(corpus.sources):
+    for n, name in enumerate(corpus.paths):
         if n:
             yield "\n\n", done  # read_corpus joins files with a blank line
         read = 0

@@ -19,3 +19,17 @@ class UsageError(RnngenError):
     """Options that cannot work together, found after parsing."""
 
     exit_code = 2
+
+
+class Diverged(RnngenError):
+    """Training produced a non-finite loss or weights; nothing non-finite was saved."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM before training's first step: unwinds everything (cleaning up) to the CLI.
+
+    A BaseException, like KeyboardInterrupt, so no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

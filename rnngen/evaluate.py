@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from rnngen.checkpoint import LoadedModel
-from rnngen.data import Corpus, count_chars, read_corpus, split_songs, train_val_split
+from rnngen.data import Corpus, count_chars, is_stream, read_corpus, split_songs, train_val_split
 from rnngen.device import autocast
 from rnngen.errors import CorpusError
 from rnngen.model import sum_nll
@@ -52,10 +52,10 @@ def evaluate_validation(loaded: LoadedModel, dtype: torch.dtype = torch.float32)
     """Score the model's own held-out songs, re-read from its training corpus and checked by hash."""
     info = loaded.meta.get("corpus", {})
     sources = info.get("sources") or []
-    if not sources or "-" in sources:
+    if not sources or "-" in sources or any(is_stream(s) for s in sources):
         raise CorpusError(
-            f"{loaded.directory} was trained on text from stdin, so its validation split cannot be re-read; "
-            "pass the text to evaluate as FILE or -"
+            f"{loaded.directory} was trained on a stream (stdin or a pipe), so its validation split cannot be "
+            "re-read; pass the text to evaluate as FILE or -"
         )
     missing = [s for s in sources if not Path(s).exists()]
     if missing:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from rnngen.checkpoint import atomic_write
+from rnngen.checkpoint import INDEX_FILE
 from rnngen.errors import ModelError
+from rnngen.files import atomic_write
 from rnngen.tokenizer import codepoints
 
-INDEX_FILE = "novelty.safetensors"
 DEPTH = 256  # suffixes are sorted by this many characters: the longest run --max-copy can ask about
 MAX_INDEX_CHARS = 20_000_000  # building needs ~50 bytes per character; larger corpora go unindexed
 NGRAM = 8  # the share of a sample's 8-grams found in the corpus is reported

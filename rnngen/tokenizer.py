@@ -12,6 +12,7 @@ from typing import Iterable, Protocol
 import torch
 
 from rnngen.errors import CorpusError, ModelError
+from rnngen.files import atomic_write
 
 CHAR_FILE = "vocab.json"
 SPM_FILE = "tokenizer.model"
@@ -81,7 +82,7 @@ class CharTokenizer:
 
     def save(self, directory: Path) -> None:
         data = json.dumps({"kind": "char", "chars": self.itos[2:]}, ensure_ascii=False)
-        (directory / CHAR_FILE).write_text(data, encoding="utf-8")
+        atomic_write(directory / CHAR_FILE, data.encode("utf-8"))
 
     @classmethod
     def load(cls, directory: Path) -> "CharTokenizer":
@@ -175,7 +176,7 @@ class SpmTokenizer:
         return _SpmStream(self)
 
     def save(self, directory: Path) -> None:
-        (directory / SPM_FILE).write_bytes(self.proto)
+        atomic_write(directory / SPM_FILE, self.proto)
 
     @classmethod
     def load(cls, directory: Path) -> "SpmTokenizer":

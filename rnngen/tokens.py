@@ -6,6 +6,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +17,21 @@ import numpy as np
 from rnngen.config import TrainConfig
 from rnngen.data import Corpus, CorpusFiles, SongCutter, held_out, iter_text
 from rnngen.errors import CorpusError
+from rnngen.files import atomic_file, atomic_write
 from rnngen.tokenizer import CharTokenizer, SpmTokenizer, Tokenizer
 
 TOKENS_DIR = "tokens"  # inside the model directory
+_CACHE_NAME = re.compile(r"\.?[0-9a-f]{64}\.(?:(?:train|val)\.u(?:8|16|32)|json)(?:\..*\.tmp)?")
 FORMAT = 1
 SPM_SAMPLE_CHARS = 20_000_000  # SentencePiece learns its pieces from at most this much training text
 BLOCK = 1 << 24  # ids per block when rewriting a token file
 CODES = 0x110000  # every Unicode code point
 Emit = Callable[[str, dict[str, Any]], None]
+
+
+def is_cache_file(name: str) -> bool:
+    """Whether a file name in tokens/ is one build() writes (or its temporary file)."""
+    return _CACHE_NAME.fullmatch(name) is not None
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -62,7 +70,7 @@ class _Meter:
 
     def __init__(self, corpus: Corpus | CorpusFiles, emit: Emit, stage: str):
         self.emit, self.stage, self.start, self.last = emit, stage, time.perf_counter(), 0.0
-        self.total = len(corpus.text) if isinstance(corpus, Corpus) else sum(os.path.getsize(s) for s in corpus.sources)
+        self.total = len(corpus.text) if isinstance(corpus, Corpus) else sum(os.path.getsize(s) for s in corpus.paths)
 
     def __call__(self, done: int, final: bool = False) -> None:
         now = time.perf_counter()
@@ -223,9 +231,13 @@ def build(corpus: Corpus | CorpusFiles, directory: Path, config: TrainConfig, to
     if tok is None and config.tokenizer == "spm":
         tok = SpmTokenizer.train(_spm_sample(corpus, split, emit), config.vocab_size, config.spm_model_type)
     base = directory / TOKENS_DIR
-    base.mkdir(exist_ok=True)
+    try:
+        base.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise CorpusError(f"cannot write {base}: {exc.strerror or exc}") from None
     for old in base.iterdir():  # one corpus per model directory: an older one's tokens are stale
-        old.unlink()
+        if is_cache_file(old.name) and old.is_file():  # anything else in there is not rnngen's
+            old.unlink()
     if tok is None or isinstance(tok, CharTokenizer):
         if tok is None:  # provisional ids over every character of the corpus; the vocabulary is the training split's
             codes = np.flatnonzero(scanned.seen[1:]) + 1
@@ -241,7 +253,7 @@ def build(corpus: Corpus | CorpusFiles, directory: Path, config: TrainConfig, to
     train_path, val_path, meta_path = _paths(directory, scanned.sha256, dtype)
     counts = np.zeros(vocab, dtype=np.int64)
     n_train = n_val = train_chars = val_chars = 0
-    with open(f"{train_path}.tmp", "wb") as ft, open(f"{val_path}.tmp", "wb") as fv:
+    with atomic_file(train_path) as ft, atomic_file(val_path) as fv:
         for train_text, val_text in _routed(corpus, split, _Meter(corpus, emit, "encoding")):
             ids = encode(train_text).astype(dtype, copy=False)
             counts += np.bincount(ids, minlength=vocab)
@@ -256,31 +268,28 @@ def build(corpus: Corpus | CorpusFiles, directory: Path, config: TrainConfig, to
         if len(present) < len(codes):  # some characters occur only in validation songs: they become unknown
             dtype, mapping = dtype_for(tok.vocab_size), np.zeros(vocab, dtype=np.int64)
             mapping[1], mapping[present] = 1, np.arange(2, len(present) + 2)
-            for old in (train_path, val_path):
-                _remap(Path(f"{old}.tmp"), mapping.astype(dtype))
-            counts = np.concatenate([counts[:2], counts[present]])
-            (train_path, val_path, meta_path), old_paths = _paths(directory, scanned.sha256, dtype), (train_path, val_path)
+            old_paths = (train_path, val_path)
+            train_path, val_path, meta_path = _paths(directory, scanned.sha256, dtype)
             for old, new in zip(old_paths, (train_path, val_path)):
-                os.replace(f"{old}.tmp", f"{new}.tmp")
-    os.replace(f"{train_path}.tmp", train_path)
-    os.replace(f"{val_path}.tmp", val_path)
+                _remap(old, new, mapping.astype(dtype))
+            counts = np.concatenate([counts[:2], counts[present]])
     meta = {"format": FORMAT, "sha256": scanned.sha256, "tokenizer": fingerprint(tok),
             "val_fraction": config.val_fraction, "seed": config.seed, "dtype": dtype.name,
             "train_tokens": n_train, "val_tokens": n_val, "train_chars": train_chars, "val_chars": val_chars,
             "counts": counts.tolist()}
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta), encoding="utf-8")
-    os.replace(tmp, meta_path)  # written last: the cache counts only when complete
+    atomic_write(meta_path, json.dumps(meta).encode("utf-8"))  # written last: the cache counts only when complete
     return tok, scanned
 
 
-def _remap(path: Path, mapping: np.ndarray) -> None:
+def _remap(src: Path, dst: Path, mapping: np.ndarray) -> None:
     """Rewrite a token file through an id -> id table, a block at a time (plain reads: a memory map's pages
-    would all count towards this process's resident memory)."""
-    with open(path, "rb") as src, open(f"{path}.new", "wb") as dst:
-        while len(block := np.fromfile(src, dtype=dtype_for(len(mapping)), count=BLOCK)):  # the provisional ids' type
-            mapping[block].tofile(dst)
-    os.replace(f"{path}.new", path)
+    would all count towards this process's resident memory); `src` is removed."""
+    if src == dst:  # move it aside first: an open file cannot be replaced on Windows
+        src = src.rename(src.with_name(f".{src.name}.old.tmp"))
+    with src.open("rb") as f, atomic_file(dst) as out:
+        while len(block := np.fromfile(f, dtype=dtype_for(len(mapping)), count=BLOCK)):  # the provisional ids' type
+            mapping[block].tofile(out)
+    src.unlink()
 
 
 def _spm_sample(corpus: Corpus | CorpusFiles, split: Split, emit: Emit) -> list[str]:
@@ -300,8 +309,8 @@ def _open(path: Path, dtype: np.dtype) -> np.ndarray:
         return np.zeros(0, dtype=dtype)
     with path.open("rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(mapped, "madvise"):  # training reads short windows all over the file: read-ahead only fills memory
-        mapped.madvise(mmap.MADV_RANDOM)
+    if hasattr(mmap, "MADV_RANDOM"):  # training reads short windows all over the file: read-ahead only fills memory
+        mapped.madvise(mmap.MADV_RANDOM)  # (not on Windows)
     return np.frombuffer(mapped, dtype=dtype)  # keeps the mapping alive
 
 

@@ -15,17 +15,18 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from rnngen.checkpoint import (
-    METRICS_FILE, WEIGHTS_FILE, build_meta, locked, load_trainer_state, read_config, save_trainer_state, save_weights,
-    write_config,
+    INDEX_FILE, METRICS_FILE, STAGING_DIR, TRAINER_FILE, WEIGHTS_FILE, abandon, begin, build_meta, check_out_dir, commit, locked,
+    load_trainer_state, read_config, remove_if_only_ours, save_trainer_state, save_weights, write_config,
 )
 from rnngen.config import ModelConfig, TrainConfig
 from rnngen import tokens
 from rnngen.data import BatchStream, Corpus, CorpusFiles, Position
 from rnngen.device import autocast, pick_device, pick_dtype
 from rnngen.distributed import World, join, leave, process_rank
-from rnngen.errors import CorpusError, ModelError, UsageError
+from rnngen.errors import CorpusError, Diverged, ModelError, UsageError
+from rnngen.files import append_line, atomic_write
 from rnngen.model import RNNLM, sum_nll
-from rnngen.novelty import INDEX_FILE, MAX_INDEX_CHARS, CorpusIndex
+from rnngen.novelty import MAX_INDEX_CHARS, CorpusIndex
 from rnngen.sampler import SamplingSettings, generate_ids
 from rnngen.tokenizer import load_tokenizer
 
@@ -67,24 +68,56 @@ def _detach(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
-def train(corpus: Corpus | CorpusFiles, out_dir: Path, *args: Any, **kwargs: Any) -> TrainResult:
-    """Train (or resume) a model in `out_dir` and return how it ended; see _train for the arguments.
+def train(
+    corpus: Corpus | CorpusFiles,
+    out_dir: Path,
+    model_options: dict[str, Any],
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    fine_tune: bool = False,
+    budget_overrides: dict[str, Any] | None = None,
+    device: str = "auto",
+    on_progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> TrainResult:
+    """Train (or, with `resume`, continue) the model in `out_dir` and return how the run ended.
 
-    The directory is locked for the run, so two trainings cannot write it at once.
+    `model_options` are ModelConfig's fields but vocab_size; `budget_overrides` (max_steps, epochs,
+    time_limit, patience) also apply to a resumed run. The directory is locked for the run. A fresh
+    run is built beside whatever `out_dir` holds and replaces it only at its first complete save
+    (checkpoint.commit), so a run that fails or is killed before then changes nothing.
     """
     main = process_rank() == 0  # under torchrun only rank 0 writes
     created = not out_dir.exists()
+    if main:
+        check_out_dir(out_dir, resume, force)  # refuse before creating anything
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
     try:
         with locked(out_dir) if main else contextlib.nullcontext():
-            return _train(corpus, out_dir, *args, **kwargs)
+            if main:
+                asked = resume
+                resume = check_out_dir(out_dir, resume, force)  # again, now that nobody else can write
+                if asked and not resume and on_progress:
+                    on_progress("info", {"message": f"the last run in {out_dir} stopped before its first save: "
+                                                    "starting from the beginning"})
+                begin(out_dir, fresh=not resume)
+            try:
+                return _train(corpus, out_dir, model_options, config, resume=resume, fine_tune=fine_tune,
+                              budget_overrides=budget_overrides, device=device, on_progress=on_progress,
+                              should_stop=should_stop)
+            except BaseException:
+                if main:
+                    abandon(out_dir)
+                raise
     finally:
         leave()
-        if main and created and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # failed before writing anything: leave no trace
+        if main and created:
+            remove_if_only_ours(out_dir)  # failed before its first save: leave no trace
 
 
 def _train(
@@ -102,6 +135,8 @@ def _train(
 ) -> TrainResult:
     world, dev = join(pick_device(device))
     emit = on_progress if (on_progress and world.main) else (lambda kind, info: None)
+    resume = bool(world.sum([float(resume)])[0]) if world.size > 1 else resume  # rank 0 decided (train())
+    work = out_dir if resume else out_dir / STAGING_DIR  # where this run writes until its first save is in place
 
     saved: dict[str, Any] | None = None
     scanned: tokens.Scan | None = None
@@ -135,11 +170,11 @@ def _train(
         if not reuse:
             tokenizer, scanned = tokens.build(corpus, out_dir, config, tokenizer, emit, scanned)
         if not resume:
-            tokenizer.save(out_dir)
+            tokenizer.save(work)
         emit("tokenized", {"bytes": scanned.bytes, "seconds": time.perf_counter() - started, "cached": reuse})
     sha = world.share_digest(scanned.sha256 if scanned else "")
     if tokenizer is None:  # every rank uses the very tokenizer rank 0 saved
-        tokenizer = load_tokenizer(config.tokenizer, out_dir)
+        tokenizer = load_tokenizer(config.tokenizer, work)
     data = tokens.load(out_dir, sha)
     corpus_info = {"sha256": sha, "bytes": scanned.bytes if scanned else 0, "sources": corpus.sources,
                    "encoding": corpus.encoding}
@@ -151,9 +186,8 @@ def _train(
         except ValueError as exc:
             raise UsageError(f"{exc}; set --embedding-dim to --hidden-size or drop --tie-weights") from None
         if world.main:
-            write_config(out_dir, build_meta(model_config, config, tokenizer, corpus_info))
-            (out_dir / METRICS_FILE).unlink(missing_ok=True)
-            _write_index(out_dir, corpus, scanned.bytes, emit)
+            write_config(work, build_meta(model_config, config, tokenizer, corpus_info))
+            _write_index(work, corpus, scanned.bytes, emit)
     else:
         model = RNNLM(model_config)
 
@@ -172,6 +206,7 @@ def _train(
 
     step, elapsed, best, bad_evals, plateau_scale, hidden = 0, 0.0, math.inf, 0, 1.0, None
     if saved is not None:
+        _check_saved_shapes(out_dir, saved, model)
         try:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
@@ -185,7 +220,10 @@ def _train(
             if new_corpus:  # fine-tuning: same weights and optimizer, new text from its start
                 batches.pos, hidden, best, bad_evals = Position(), None, math.inf, 0
         except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-            raise UsageError(f"cannot resume from {out_dir}/trainer.pt: it does not match this model ({exc})") from None
+            raise ModelError(f"cannot resume from {out_dir / TRAINER_FILE}: it does not match this model "
+                             f"({str(exc).splitlines()[0][:200]})") from None
+        if world.main:  # a kill after the last save may have logged later validations: they will come again
+            _truncate_metrics(out_dir / METRICS_FILE, step)
 
     if resume and new_corpus and world.main:
         unknown = int(data.counts[tokenizer.unk_id])
@@ -214,17 +252,33 @@ def _train(
             return step / total_steps
         return elapsed / config.time_limit if config.time_limit else 0.0
 
+    saved_step = step if saved is not None else None
+
+    def diverged(what: str) -> Diverged:
+        kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "nothing was saved"
+        return Diverged(f"training diverged after step {step}: {what}; {kept}. Lower --lr (now {config.lr:g}) "
+                        "or --grad-clip and train again")
+
     def checkpoint() -> None:
+        nonlocal work, saved_step
         gathered = [] if hidden is None else [world.gather_rows(t) for t in (hidden if isinstance(hidden, tuple) else (hidden,))]
         if not world.main:
             return
-        save_trainer_state(out_dir, {
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise diverged("the weights became nan or inf")
+        if not (work / WEIGHTS_FILE).exists():  # no validation yet: the latest weights are the best we know
+            save_weights(work, model)
+        save_trainer_state(work, {
             "model": model.state_dict(), "optimizer": opt.state_dict(),
             "position": {"epoch": batches.pos.epoch, "window": batches.pos.window},
             "step": step, "elapsed": elapsed, "best": best, "bad_evals": bad_evals,
             "plateau_scale": plateau_scale, "rng": torch.get_rng_state(), "scaler": scaler.state_dict(),
             "hidden": gathered,  # (layers, global batch, hidden): the same layout for any number of processes
         })
+        if work != out_dir:  # the first complete save of a fresh run: it replaces what out_dir held
+            commit(out_dir)
+            work = out_dir
+        saved_step = step
 
     def evaluate_now(train_loss: float, chars_per_sec: float) -> dict[str, Any]:
         nonlocal best, bad_evals, plateau_scale
@@ -237,18 +291,19 @@ def _train(
             record.update(val_loss=round(val_loss, 4), val_bpc=round(val_loss / val_chars_per_token / math.log(2), 4))
         else:  # no held-out text: the latest weights are the best we know
             val_loss = -step
+        if not math.isfinite(val_loss):
+            raise diverged(f"the validation loss became {val_loss}")
         if val_loss < best - 1e-4:  # a real improvement, not float noise
             best, bad_evals = val_loss, 0
             if world.main:
-                save_weights(out_dir, model)
+                save_weights(work, model)
             record["saved"] = True
         else:
             bad_evals += 1
             if config.lr_schedule == "plateau" and bad_evals % 2 == 0:
                 plateau_scale *= 0.5
         if world.main:
-            with (out_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(work / METRICS_FILE, json.dumps(record, allow_nan=False))
             record["preview"] = _preview(model, tokenizer, config.seed + step)
             model.train()
         return record
@@ -277,12 +332,19 @@ def _train(
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)  # clip the true gradients
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+        loss_value = loss.item()
+        if not scaler.is_enabled() and not math.isfinite(norm):
+            loss_value = norm  # a non-finite gradient would make every weight nan: stop before the update
+        flags = [float(should_stop()), loss_value]
+        stop_now, loss_value = world.sum(flags) if world.size > 1 else flags  # every rank decides alike
+        if not math.isfinite(loss_value):
+            raise diverged(f"the loss or its gradient became {loss_value}")
         scaler.step(opt)  # skipped when fp16 gradients overflowed; the scale then shrinks
         scaler.update()
         hidden = _detach(hidden)
         step += 1
-        losses.append(loss.item())
+        losses.append(loss_value / world.size)
         dt = time.perf_counter() - t0
         elapsed += dt
         window_chars += x.numel() * chars_per_token * world.size  # the whole job's speed
@@ -290,7 +352,7 @@ def _train(
         cps = window_chars / window_time if window_time else 0.0
         emit("step", {"step": step, "total_steps": total_steps, "train_loss": losses[-1], "chars_per_sec": cps,
                       "elapsed": elapsed, "progress": progress_now()})
-        if (world.sum([float(should_stop())])[0] if world.size > 1 else should_stop()):
+        if stop_now:
             stop_reason = "interrupted"
             break
         if step % config.eval_every == 0:
@@ -307,8 +369,6 @@ def _train(
     world.barrier()
     if not world.main:
         return TrainResult(out_dir, step, stop_reason, None, None)
-    if not (out_dir / WEIGHTS_FILE).exists():
-        save_weights(out_dir, model)
     best_loss = best if val_chars and best < math.inf else None
     best_bpc = None
     if best_loss is not None:
@@ -335,6 +395,39 @@ def _write_index(out_dir: Path, corpus: Corpus | CorpusFiles, size: int, emit: P
         return
     emit("info", {"message": "indexing the corpus for copy checks"})
     CorpusIndex.build(text).save(out_dir)
+
+
+def _check_saved_shapes(out_dir: Path, saved: dict[str, Any], model: RNNLM) -> None:
+    """trainer.pt must hold this model's tensors: name the first that differs, in one line."""
+    weights, expected = saved.get("model"), model.state_dict()
+    if not isinstance(weights, dict):
+        raise ModelError(f"cannot resume from {out_dir / TRAINER_FILE}: it holds no model weights")
+    for name, want in expected.items():
+        have = weights.get(name)
+        if not isinstance(have, torch.Tensor):
+            raise ModelError(f"cannot resume from {out_dir / TRAINER_FILE}: it lacks {name}; it is not this model's")
+        if have.shape != want.shape:
+            raise ModelError(f"cannot resume from {out_dir / TRAINER_FILE}: {name} has shape {tuple(have.shape)}, "
+                             f"but {out_dir / 'config.json'} makes it {tuple(want.shape)}; the files come from different runs")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the log lines of validations after `step` (a resumed run repeats them)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line torn by a kill
+    if len(kept) != len(lines):
+        atomic_write(path, "".join(line + "\n" for line in kept).encode("utf-8"))
 
 
 def _check_budget(cfg: TrainConfig) -> None:

@@ -34,6 +34,17 @@ def make_english(n: int = 30, seed: int = 0) -> str:
     return "\n\n".join("\n".join(" ".join(rng.choice(words) for _ in range(6)) for _ in range(4)) for _ in range(n))
 
 
+def lock_free(directory: Path) -> bool:
+    """Whether no process holds the model directory's train.lock (an OS lock: the file itself may stay)."""
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(str(directory / "train.lock"), timeout=0):
+            return True
+    except Timeout:
+        return False
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import make_songs
+from conftest import lock_free, make_songs
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this torch build has no gloo backend")
@@ -37,12 +37,15 @@ def test_torchrun_two_processes_match_one(tmp_path):
     two = torch.load(tmp_path / "two" / "trainer.pt", weights_only=True)
     assert one["step"] == two["step"] == 6
     for name, value in one["model"].items():
-        torch.testing.assert_close(two["model"][name], value, atol=1e-4, rtol=1e-4)
+        # AdamW divides by the gradient's own size, so where a gradient is ~0 the summation order of two
+        # half batches can move a weight by up to ~lr; almost all weights must agree closely
+        diff = (two["model"][name] - value).abs()
+        assert diff.max() < 3 * 2e-3 and (diff > 1e-4).float().mean() < 0.01, name
     for a, b in zip(one["hidden"], two["hidden"]):  # the carried state, gathered from both ranks
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(b, a, atol=5e-3, rtol=0)  # rows in the wrong place would differ by ~0.1-1
     metrics = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [3, 6]  # one writer
-    assert not (tmp_path / "two" / "train.lock").exists()
+    assert lock_free(tmp_path / "two")
 
     resumed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rnngen",

@@ -18,7 +18,7 @@ from rnngen.checkpoint import atomic_write, load_trainer_state
 from rnngen.cli import app
 from rnngen.errors import ModelError
 
-from conftest import TINY_FLAGS
+from conftest import TINY_FLAGS, lock_free
 
 
 class Payload:
@@ -73,18 +73,21 @@ def test_unwritable_output_is_a_clean_error(runner, songs_file, tmp_path):
 def test_second_training_of_same_directory_is_refused(runner, songs_file, tmp_path):
     out = tmp_path / "m"
     out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+                               f"lock = FileLock({str(out / 'train.lock')!r}); lock.acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        (out / "train.lock").write_text(str(sleeper.pid))
+        assert holder.stdout.readline().strip() == "held"
         result = runner.invoke(app, ["train", str(songs_file), "--out", str(out), "--max-steps", "2", *TINY_FLAGS])
-        assert result.exit_code == 1 and str(sleeper.pid) in result.stderr
+        assert result.exit_code == 1 and "being trained by another rnngen process" in result.stderr
+        assert "--name" not in result.stderr  # the user may have given --out
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    # the owner is gone: its stale lock is taken over
+        holder.kill()
+        holder.wait()
+    # the owner is gone, and with it its OS lock
     result = runner.invoke(app, ["train", str(songs_file), "--out", str(out), "--max-steps", "2", *TINY_FLAGS])
     assert result.exit_code == 0, result.stderr
-    assert not (out / "train.lock").exists()
+    assert lock_free(out)
 
 
 def test_resume_with_another_corpus_is_refused(runner, songs_file, tmp_path):
@@ -116,7 +119,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(songs_file, tmp_path):
     cmd, code, err = interrupt_training(songs_file, out, "SIGINT")
     assert code == 130, err
     assert "--resume" in err and "Traceback" not in err
-    assert not (out / "train.lock").exists()
+    assert lock_free(out)
     stopped_at = int(re.search(r"Interrupted at step (\d+)", err)[1])
     result = subprocess.run([*cmd[:4], str(songs_file), "--out", str(out), "--resume", "--max-steps",
                              str(stopped_at + 2), "-q"], capture_output=True, text=True, timeout=120)
