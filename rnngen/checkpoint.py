@@ -17,7 +17,7 @@ import torch
 
 from rnngen import __version__
 from rnngen.config import ModelConfig, TrainConfig, to_dict
-from rnngen.errors import ModelError
+from rnngen.errors import ModelError, UsageError
 from rnngen.files import atomic_write, fsync_dir
 from rnngen.model import RNNLM
 from rnngen.tokenizer import CHAR_FILE, SPM_FILE, Tokenizer, load_tokenizer
@@ -273,13 +273,19 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> LoadedMod
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        recover(directory)  # a kill while a new run's first save was swapped in: finish the swap
+    except ModelError:
+        pass  # read-only (the bundled model, a shared copy): read what is there
     meta = read_config(directory)
     try:
         model_config = ModelConfig.from_dict(meta["model"])
+        model_config.validate()
         tokenizer = load_tokenizer(meta["tokenizer"], directory)
-        model = RNNLM(model_config)
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{directory / CONFIG_FILE} is damaged: bad or missing {exc}") from None
+    except UsageError as exc:  # sizes no training could have written
+        raise ModelError(f"{directory / CONFIG_FILE} is damaged: {exc}") from None
     if tokenizer.vocab_size != model_config.vocab_size:
         raise ModelError(
             f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model expects "
@@ -287,23 +293,58 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> LoadedMod
         )
     path = directory / WEIGHTS_FILE
     try:
+        _check_weights(path, model_config)  # before anything of the configured size is allocated
         tensors = load_file(path)
     except FileNotFoundError:
         raise ModelError(f"{path} is missing; the model has not finished its first save") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{path} is damaged ({exc})") from None
+    bad = next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise ModelError(f"{path}: tensor {bad} holds nan or inf values (the training diverged); "
+                         "train again with a lower --lr")
     if model_config.tie_weights and "embedding.weight" in tensors:
         tensors["head.weight"] = tensors["embedding.weight"]
-    expected = model.state_dict()
-    for name, value in tensors.items():
-        if name in expected and (expected[name].shape != value.shape or not value.is_floating_point()):
-            raise ModelError(f"{path}: tensor {name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}")
+    model = RNNLM(model_config)
     try:
         model.load_state_dict({k: v.float() for k, v in tensors.items()})
     except RuntimeError as exc:
         raise ModelError(f"{path} does not match {CONFIG_FILE}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, directory=directory, meta=meta)
+
+
+def _check_weights(path: Path, config: ModelConfig) -> None:
+    """Compare the tensor names, shapes and dtypes in the file's header with the model `config`
+    describes (built on the meta device: no memory), so a wrong config cannot make us allocate."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in RNNLM(config).state_dict().items()}
+    with safe_open(path, framework="pt") as f:
+        found = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+    if config.tie_weights and "embedding.weight" in found:
+        found.setdefault("head.weight", found["embedding.weight"])  # saved once, shared
+    for name, shape in expected.items():
+        if name not in found:
+            raise ModelError(f"{path} lacks tensor {name}; it does not match {CONFIG_FILE}")
+        got, dtype = found[name]
+        if not dtype.startswith(("F", "BF")):
+            raise ModelError(f"{path}: tensor {name} holds {_dtype_name(dtype)} values, expected floating point")
+        if got != shape:
+            raise ModelError(f"{path}: tensor {name} has shape {got}, expected {shape} from {CONFIG_FILE}")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise ModelError(f"{path} holds tensor {extra[0]}, which the model in {CONFIG_FILE} lacks; they do not match")
+
+
+def _dtype_name(code: str) -> str:
+    """safetensors' dtype codes as torch names: I64 -> int64, BF16 -> bfloat16, BOOL -> bool."""
+    code = code.lower()
+    for short, name in (("bf", "bfloat"), ("f", "float"), ("i", "int"), ("u", "uint")):
+        if code.startswith(short) and code[len(short):][:1].isdigit():
+            return name + code[len(short):]
+    return code
 
 
 # ---- finding a model by name -----------------------------------------------------------------

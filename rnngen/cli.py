@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from rnngen import __version__
-from rnngen.config import ModelConfig, TrainConfig
+from rnngen.config import ModelConfig, TrainConfig, check_range
 from rnngen.errors import Interrupted, ModelError, RnngenError, UsageError
 
 _T, _M = TrainConfig(), ModelConfig(vocab_size=0)  # the defaults, defined once in config.py
@@ -103,8 +103,7 @@ def _seconds(value: Optional[str]) -> Optional[float]:
 
 
 def _set_threads(threads: int) -> None:
-    if threads < 0:
-        raise typer.BadParameter("must be 0 (torch's default) or more", param_hint="--threads")
+    check_range("--threads", threads, 0, 4096, integer=True)  # 0: torch's default
     if threads:
         import torch
 
@@ -153,51 +152,30 @@ def train(
 ) -> None:
     """Train a model on CORPUS and save it to models/NAME (prints that directory)."""
     with _errors_to_exit():
-        from rnngen.config import RNN_TYPES, TOKENIZERS
-
-        _check_choice("--tokenizer", tokenizer, TOKENIZERS)
-        _check_choice("--rnn-type", rnn_type, RNN_TYPES)
-        _check_choice("--spm-model-type", spm_model_type, ("bpe", "unigram"))
-        _check_choice("--lr-schedule", lr_schedule, ("wsd", "cosine", "plateau", "constant"))
-        for flag, value, low in (("--layers", layers, 1), ("--hidden-size", hidden_size, 1), ("--embedding-dim", embedding_dim, 1),
-                                 ("--batch-size", batch_size, 1), ("--seq-len", seq_len, 1), ("--eval-every", eval_every, 1),
-                                 ("--vocab-size", vocab_size, 8), ("--warmup-steps", warmup_steps, 0)):
-            if value < low:
-                raise typer.BadParameter(f"must be at least {low} (got {value})", param_hint=flag)
-        if not 0 <= dropout < 1:
-            raise typer.BadParameter(f"must be in [0, 1) (got {dropout})", param_hint="--dropout")
-        if not 0 <= val_fraction < 1:
-            raise typer.BadParameter(f"must be in [0, 1) (got {val_fraction})", param_hint="--val-fraction")
-        if tie_weights and embedding_dim != hidden_size:
-            raise typer.BadParameter(f"needs --embedding-dim equal to --hidden-size ({embedding_dim} != {hidden_size})",
-                                     param_hint="--tie-weights")
-        for flag, value in (("--lr", lr), ("--grad-clip", grad_clip)):
-            if not 0 < value < float("inf"):  # also refuses nan
-                raise typer.BadParameter(f"must be a positive number (got {value})", param_hint=flag)
-        for flag, value in (("--max-steps", max_steps), ("--epochs", epochs), ("--patience", patience), ("--seed", seed),
-                            ("--weight-decay", weight_decay)):
-            if value is not None and not 0 <= value < float("inf"):
-                raise typer.BadParameter(f"must be a non-negative number (got {value})", param_hint=flag)
+        overrides = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "patience": patience,
+                                       "time_limit": _seconds(time_limit)}.items() if v is not None}
+        overrides = {k: (v or None) if k != "patience" else v for k, v in overrides.items()}  # 0 = no limit
+        config = TrainConfig(
+            tokenizer=tokenizer, vocab_size=vocab_size, spm_model_type=spm_model_type, batch_size=batch_size,
+            seq_len=seq_len, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
+            grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every, seed=seed, precision=precision,
+            **overrides,
+        )
+        model_options = {"rnn_type": rnn_type, "num_layers": layers, "hidden_size": hidden_size,
+                         "embedding_dim": embedding_dim, "dropout": dropout, "tie_weights": tie_weights}
+        config.validate()
+        ModelConfig(vocab_size=1, **model_options).validate()  # the vocabulary is known only after tokenizing
         _set_threads(threads)
 
         from rnngen.data import open_corpus
         from rnngen.train import train as run_training
 
-        overrides = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "patience": patience,
-                                       "time_limit": _seconds(time_limit)}.items() if v is not None}
-        overrides = {k: (v or None) if k != "patience" else v for k, v in overrides.items()}  # 0 = no limit
         resume = resume or fine_tune
         out_dir = _model_dir(corpus, name, out)
         from rnngen.checkpoint import check_out_dir
 
         check_out_dir(out_dir, resume, force)  # before reading a big corpus (train() checks again, locked)
-        config = TrainConfig(
-            tokenizer=tokenizer, vocab_size=vocab_size, spm_model_type=spm_model_type, batch_size=batch_size,
-            seq_len=seq_len, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
-            grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every, seed=seed, precision=precision,
-        )
-        model_options = {"rnn_type": rnn_type, "num_layers": layers, "hidden_size": hidden_size,
-                         "embedding_dim": embedding_dim, "dropout": dropout, "tie_weights": tie_weights}
+
         from rnngen.distributed import process_rank
 
         main = process_rank() == 0  # under torchrun, only rank 0 talks
@@ -227,11 +205,6 @@ def train(
         bpc = f", best validation {result.best_val_bpc:.3f} bits/char" if result.best_val_bpc is not None else ""
         _err(f"Done: {result.stop_reason} after {result.steps} steps{bpc}. Try: rnngen sample --model {out_dir}")
         typer.echo(str(out_dir))
-
-
-def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=flag)
 
 
 def _model_dir(corpus: list[str], name: Optional[str], out: Optional[Path]) -> Path:

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 from typing import Any
+
+from rnngen.errors import UsageError
 
 RNN_TYPES = ("lstm", "gru", "rnn")
 TOKENIZERS = ("char", "spm")
+SPM_MODEL_TYPES = ("bpe", "unigram")
+LR_SCHEDULES = ("wsd", "cosine", "plateau", "constant")
+
+# upper limits: far beyond any useful run, low enough that nothing overflows or allocates absurdly
+MAX_VOCAB = 2**21  # tokens: more than there are Unicode code points
+MAX_WIDTH = 16_384  # hidden_size and embedding_dim
+MAX_LAYERS = 64
+MAX_STEPS = 10**9  # max_steps, warmup_steps, eval_every, patience
+MAX_BATCH = 65_536  # batch_size and seq_len
+MAX_EPOCHS = 1_000_000
+MAX_SECONDS = 366 * 24 * 3600  # time_limit: a year
+MAX_SEED = 2**32 - 1  # the batch order seeds torch with seed * 1_000_003 + epoch, which must stay below 2**64
 
 
 @dataclass
@@ -22,6 +38,18 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         return cls(**_known(cls, data))
+
+    def validate(self) -> None:
+        """Raise UsageError (naming the train option) for a setting that cannot work."""
+        check_choice("--rnn-type", self.rnn_type, RNN_TYPES)
+        check_range("the vocabulary size", self.vocab_size, 1, MAX_VOCAB, integer=True)
+        check_range("--layers", self.num_layers, 1, MAX_LAYERS, integer=True)
+        check_range("--hidden-size", self.hidden_size, 1, MAX_WIDTH, integer=True)
+        check_range("--embedding-dim", self.embedding_dim, 1, MAX_WIDTH, integer=True)
+        check_range("--dropout", self.dropout, 0, 1, below_high=True)
+        if self.tie_weights and self.embedding_dim != self.hidden_size:
+            raise UsageError(f"--tie-weights needs --embedding-dim equal to --hidden-size "
+                             f"({self.embedding_dim} != {self.hidden_size})")
 
 
 @dataclass
@@ -51,6 +79,53 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         return cls(**_known(cls, data))
+
+    def validate(self) -> None:
+        """Raise UsageError (naming the train option) for a setting that cannot work."""
+        check_choice("--tokenizer", self.tokenizer, TOKENIZERS)
+        check_choice("--spm-model-type", self.spm_model_type, SPM_MODEL_TYPES)
+        check_choice("--lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        for flag, value, low, high in (("--vocab-size", self.vocab_size, 8, MAX_VOCAB),
+                                       ("--batch-size", self.batch_size, 1, MAX_BATCH), ("--seq-len", self.seq_len, 1, MAX_BATCH),
+                                       ("--warmup-steps", self.warmup_steps, 0, MAX_STEPS), ("--eval-every", self.eval_every, 1, MAX_STEPS),
+                                       ("--patience", self.patience, 0, MAX_STEPS), ("val_tokens", self.val_tokens, 1, 2**40),
+                                       ("--seed", self.seed, 0, MAX_SEED)):
+            check_range(flag, value, low, high, integer=True)
+        check_range("--lr", self.lr, 0, 10, above_low=True)
+        check_range("--weight-decay", self.weight_decay, 0, 100)
+        check_range("--grad-clip", self.grad_clip, 0, 1e6, above_low=True)
+        check_range("--val-fraction", self.val_fraction, 0, 1, below_high=True)
+        check_range("decay_fraction", self.decay_fraction, 0, 1)
+        check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        # budgets: None or 0 is no limit
+        if self.max_steps is not None:
+            check_range("--max-steps", self.max_steps, 0, MAX_STEPS, integer=True)
+        if self.epochs is not None:
+            check_range("--epochs", self.epochs, 0, MAX_EPOCHS)
+        if self.time_limit is not None:
+            check_range("--time-limit in seconds", self.time_limit, 0, MAX_SECONDS)
+
+
+def check_range(name: str, value: Any, low: float, high: float, *, integer: bool = False,
+                above_low: bool = False, below_high: bool = False) -> None:
+    """Raise UsageError unless `value` is a finite number from `low` to `high` (ends open where asked)."""
+    kind = Integral if integer else Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (integer or math.isfinite(value))
+    if ok and (value > low if above_low else value >= low) and (value < high if below_high else value <= high):
+        return
+    if above_low or below_high:
+        want = f"{'above' if above_low else 'at least'} {low} and {'below' if below_high else 'at most'} {high}"
+    else:
+        want = f"between {low} and {high}"
+    if integer and not isinstance(value, Integral):
+        want = "a whole number " + want
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise UsageError(f"{name} must be {want} (got {shown})")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
 
 
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:

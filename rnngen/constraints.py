@@ -12,10 +12,14 @@ from functools import lru_cache
 
 import torch
 
+from rnngen.config import check_range
 from rnngen.errors import UsageError
 from rnngen.tokenizer import CharTokenizer
 
 _NEG = float("-inf")
+MAX_LINES = 1_000_000
+MAX_LINE_LENGTH = 10_000  # characters
+REPETITION_PENALTY_RANGE = (0.01, 100)
 
 
 @dataclass
@@ -37,6 +41,20 @@ class Structure:
     def total_lines(self) -> int | None:
         return self.lines or (len(self.acrostic) if self.acrostic else None)
 
+    def validate(self) -> None:
+        """Raise UsageError (naming the sample option) for rules that cannot work; the tokenizer's
+        part is checked by LyricsConstraint."""
+        if self.lines is not None:
+            check_range("--lines", self.lines, 1, MAX_LINES, integer=True)
+        for n in self.line_lengths:
+            check_range("--line-length", n, 1, MAX_LINE_LENGTH, integer=True)
+        if self.rhyme and not re.fullmatch(r"[A-Za-z]+", self.rhyme):
+            raise UsageError(f"--rhyme takes a scheme of letters such as AABB, ABAB or AAAA (got {self.rhyme!r})")
+        if self.rhyme and not self.line_lengths:
+            raise UsageError("--rhyme needs --line-length, so the rhyming character's place is known")
+        # a logit is divided or multiplied by it: outside this range it overflows to inf
+        check_range("--repetition-penalty", self.repetition_penalty, *REPETITION_PENALTY_RANGE)
+
 
 def parse_line_lengths(text: str | None) -> list[int]:
     if not text:
@@ -45,9 +63,7 @@ def parse_line_lengths(text: str | None) -> list[int]:
         lengths = [int(part) for part in text.split(",")]
     except ValueError:
         raise UsageError(f"--line-length takes a number or a pattern such as 5,7,5 (got {text!r})") from None
-    if any(n < 1 for n in lengths):
-        raise UsageError(f"--line-length must be at least 1 character per line (got {text!r})")
-    return lengths
+    return lengths  # Structure.validate checks each
 
 
 class LyricsConstraint:
@@ -55,14 +71,7 @@ class LyricsConstraint:
 
     def __init__(self, structure: Structure, tokenizer, batch: int):
         s = structure
-        if s.rhyme and not re.fullmatch(r"[A-Za-z]+", s.rhyme):
-            raise UsageError(f"--rhyme takes a scheme of letters such as AABB, ABAB or AAAA (got {s.rhyme!r})")
-        if s.rhyme and not s.line_lengths:
-            raise UsageError("--rhyme needs --line-length, so the rhyming character's place is known")
-        if not 0 < s.repetition_penalty < float("inf"):
-            raise UsageError(f"--repetition-penalty must be positive (got {s.repetition_penalty})")
-        if s.lines is not None and s.lines < 1:
-            raise UsageError(f"--lines must be at least 1 (got {s.lines})")
+        s.validate()
         if s.shapes_lines:
             if not isinstance(tokenizer, CharTokenizer):
                 raise UsageError("--lines, --line-length, --acrostic and --rhyme need a model with --tokenizer char")

@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 
 from rnngen.checkpoint import LoadedModel
+from rnngen.config import MAX_VOCAB, check_range
 from rnngen.constraints import LyricsConstraint, Structure
 from rnngen.errors import UsageError
 from rnngen.novelty import DEPTH, CopyGuard, CorpusIndex, token_pieces
@@ -16,6 +17,8 @@ from rnngen.sampler import SamplingSettings, generate_ids
 
 
 MAX_SAMPLES = 10_000  # streams in one batch; more would only exhaust memory
+MAX_LENGTH = 10_000_000  # characters per sample (and songs per sample)
+MAX_TEMPERATURE = 1_000_000  # far above where sampling is already uniform
 
 
 @dataclass
@@ -32,25 +35,22 @@ class SampleRequest:
     dead_ends: int = 0  # set by generate: tokens where every choice the structure allowed was a copy
 
     def validate(self, vocab_size: int) -> None:
+        """Raise UsageError (naming the sample option) for a request that cannot work."""
         s = self.settings
-        if self.length < 1:
-            raise UsageError(f"--length must be at least 1 (got {self.length})")
-        if not 1 <= self.num_samples <= MAX_SAMPLES:
-            raise UsageError(f"--num-samples must be between 1 and {MAX_SAMPLES} (got {self.num_samples})")
-        if self.random_seed is not None and not 0 <= self.random_seed < 2**63:
-            raise UsageError(f"--random-seed must be a non-negative integer (got {self.random_seed})")
-        if s.temperature < 0 or s.temperature != s.temperature:
-            raise UsageError(f"--temperature must be 0 (greedy) or more (got {s.temperature})")
-        if s.top_k < 0:
-            raise UsageError(f"--top-k must be 0 (off) or a positive number (got {s.top_k})")
+        check_range("--length", self.length, 1, MAX_LENGTH, integer=True)
+        check_range("--num-samples", self.num_samples, 1, MAX_SAMPLES, integer=True)
+        if self.random_seed is not None:
+            check_range("--random-seed", self.random_seed, 0, 2**63 - 1, integer=True)
+        check_range("--temperature", s.temperature, 0, MAX_TEMPERATURE)
+        check_range("--top-k", s.top_k, 0, MAX_VOCAB, integer=True)
         if s.top_k > vocab_size:
             raise UsageError(f"--top-k {s.top_k} is larger than the model's vocabulary ({vocab_size} tokens)")
-        if not 0 < s.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1] (got {s.top_p})")
-        if self.songs is not None and self.songs < 1:
-            raise UsageError(f"--songs must be at least 1 (got {self.songs})")
-        if self.max_copy is not None and not 1 <= self.max_copy < DEPTH:
-            raise UsageError(f"--max-copy must be between 1 and {DEPTH - 1} characters (got {self.max_copy})")
+        check_range("--top-p", s.top_p, 0, 1, above_low=True)
+        if self.songs is not None:
+            check_range("--songs", self.songs, 1, MAX_LENGTH, integer=True)
+        if self.max_copy is not None:
+            check_range("--max-copy", self.max_copy, 1, DEPTH - 1, integer=True)
+        self.structure.validate()
         if self.structure.acrostic and self.seed_text:
             raise UsageError("--acrostic chooses how the song starts; leave out --seed")
 

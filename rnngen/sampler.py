@@ -12,7 +12,7 @@ from rnngen.model import RNNLM
 
 @dataclass
 class SamplingSettings:
-    temperature: float = 0.8  # < 1 is more conservative, 0 is greedy (always the likeliest token)
+    temperature: float = 0.8  # < 1 is more conservative, 0 is greedy (always the likeliest token); finite
     top_k: int = 0  # keep only the k likeliest tokens (0 = all)
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = all)
 
@@ -20,9 +20,10 @@ class SamplingSettings:
 def choose(logits: torch.Tensor, s: SamplingSettings, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (batch, vocab) -> token ids (batch,)."""
     logits = logits.float()
-    if s.temperature == 0:
+    if s.temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small that float32 would read it as 0
         return logits.argmax(-1)
-    logits = logits / s.temperature
+    # the best token at 0 first: a tiny temperature then sends the others to -inf (greedy), never to inf/nan
+    logits = (logits - logits.amax(-1, keepdim=True)) / s.temperature
     if 0 < s.top_k < logits.size(-1):
         kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -157,10 +157,12 @@ def _train(
             )
         config = replace(TrainConfig.from_dict(meta["train"]), **(budget_overrides or {}))
         model_config = ModelConfig.from_dict(meta["model"])
+        model_config.validate()
         tokenizer = load_tokenizer(meta["tokenizer"], out_dir)
         saved = load_trainer_state(out_dir)
     else:
         config = replace(config, **(budget_overrides or {}))
+    config.validate()
     dtype = pick_dtype(config.precision, dev)
     _check_budget(config)
 
@@ -182,6 +184,7 @@ def _train(
         torch.manual_seed(config.seed)
         try:
             model_config = ModelConfig(vocab_size=tokenizer.vocab_size, **model_options)
+            model_config.validate()
             model = RNNLM(model_config)
         except ValueError as exc:
             raise UsageError(f"{exc}; set --embedding-dim to --hidden-size or drop --tie-weights") from None
