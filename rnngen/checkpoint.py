@@ -105,7 +105,8 @@ def _alive(pid: int) -> bool:
 def write_config(directory: Path, meta: dict[str, Any]) -> None:
     rest = {k: v for k, v in meta.items() if k not in ("format_version", "rnngen_version")}
     meta = {"format_version": FORMAT_VERSION, "rnngen_version": __version__, **rest}
-    atomic_write(directory / CONFIG_FILE, json.dumps(meta, ensure_ascii=False, indent=2).encode("utf-8"))
+    # backslashreplace: a path with undecodable bytes (a lone surrogate) becomes a JSON \udcXX escape, read back exactly
+    atomic_write(directory / CONFIG_FILE, json.dumps(meta, ensure_ascii=False, indent=2).encode("utf-8", "backslashreplace"))
 
 
 def build_meta(model_config: ModelConfig, train_config: TrainConfig, tokenizer: Tokenizer, corpus: dict) -> dict:

@@ -216,6 +216,19 @@ def train(
         typer.echo(str(out_dir))
 
 
+def _default_name(first: str) -> str:
+    """A valid model name from the corpus file's name: 'my songs.txt' -> 'my_songs', '歌词.txt' -> '歌词'."""
+    if first == "-":
+        return "stdin"
+    path = Path(first)
+    for raw in (path.stem, path.resolve().name):  # '.', '..': the directory's own name
+        # spaces, shell characters and undecodable bytes (surrogates) become '_'; no hidden directories
+        name = re.sub(r"[^\w.\-]", "_", raw).lstrip(".")
+        if name:
+            return name
+    return "model"
+
+
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}", param_hint=flag)
@@ -225,8 +238,7 @@ def _model_dir(corpus: list[str], name: Optional[str], out: Optional[Path]) -> P
     if out is not None:
         return out
     if name is None:
-        first = corpus[0] if corpus else "-"
-        name = "stdin" if first == "-" else (Path(first).stem or Path(first).resolve().name or "model")
+        name = _default_name(corpus[0] if corpus else "-")
     if not re.fullmatch(r"[\w.\-]+", name) or name in (".", ".."):
         raise typer.BadParameter(f"{name!r}: use letters, digits, '.', '_' and '-' (or --out for a path)", param_hint="--name")
     return Path("models") / name
