@@ -208,12 +208,35 @@ def train(
         if not main:
             raise typer.Exit(128 + stop.signum if result.stop_reason == "interrupted" else 0)
         if result.stop_reason == "interrupted":
-            again = " ".join(["rnngen", "train", *corpus, "--out", str(out_dir), "--resume"])
-            _err(f"Interrupted at step {result.steps}; checkpoint saved. Continue with: {again}")
+            again = ["rnngen", "train", *corpus, "--out", str(out_dir), "--resume"]
+            again += ["--encoding", encoding] if encoding != "utf-8" else []
+            _err(f"Interrupted at step {result.steps}; checkpoint saved. Continue with: {_command_line(again)}")
             raise typer.Exit(128 + stop.signum)
         bpc = f", best validation {result.best_val_bpc:.3f} bits/char" if result.best_val_bpc is not None else ""
-        _err(f"Done: {result.stop_reason} after {result.steps} steps{bpc}. Try: rnngen sample --model {out_dir}")
+        try_it = _command_line(["rnngen", "sample", "--model", _model_arg(out_dir)])
+        _err(f"Done: {result.stop_reason} after {result.steps} steps{bpc}. Try: {try_it}")
         typer.echo(str(out_dir))
+
+
+def _model_arg(directory: Path) -> str:
+    """How to give DIRECTORY to --model: NAME for models/NAME, else a path resolve_model reads as one."""
+    if directory.parent == Path("models"):
+        return directory.name
+    text = str(directory)
+    if directory.is_absolute() or text.startswith("."):
+        return text
+    return os.curdir + os.sep + text  # 'base' alone would be looked up as models/base
+
+
+def _command_line(args: list[str]) -> str:
+    """ARGS quoted so that pasting the line into a shell runs them."""
+    if os.name == "nt":
+        import subprocess
+
+        return subprocess.list2cmdline(args)
+    import shlex
+
+    return shlex.join(args)
 
 
 def _default_name(first: str) -> str:
