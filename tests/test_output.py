@@ -36,6 +36,75 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return err
 
 
+# ---- item 11: stdout closed, full, or in a legacy encoding ---------------------------------------
+
+
+@posix_only
+def test_sample_with_stdout_closed_is_one_line(tmp_path):
+    result = rnngen(*SAMPLE, stdout=None, preexec_fn=lambda: os.close(1), cwd=tmp_path)
+    assert one_error_line(result).startswith("Error: cannot write to standard output:")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("extra", [[], ["--json", "--num-samples", "2"]])
+def test_sample_to_a_full_device_is_one_line(tmp_path, extra):
+    with open("/dev/full", "wb") as full:
+        result = rnngen(*SAMPLE, *extra, stdout=full, cwd=tmp_path)
+    err = one_error_line(result)
+    assert err.startswith("Error: cannot write to standard output:") and "No space left" in err
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]])
+def test_stdout_is_utf8_whatever_the_locale(tmp_path, extra):
+    env = {**ENV, "PYTHONIOENCODING": "latin-1", "LC_ALL": "C", "LANG": "C"}
+    result = rnngen(*SAMPLE, *extra, env=env, cwd=tmp_path)
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
+    assert "我" in result.stdout.decode("utf-8")
+
+
+def test_evaluate_table_is_utf8_whatever_the_locale(tmp_path):
+    (tmp_path / "歌词.txt").write_text(make_songs(5), encoding="utf-8")
+    env = {**ENV, "PYTHONIOENCODING": "latin-1"}
+    result = rnngen("evaluate", "歌词.txt", "--threads", "1", env=env, cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == b"", result.stderr
+    table = result.stdout.decode("utf-8")
+    assert "歌" in table and "bits per character" in table  # the title wraps at the table width
+
+
+# ---- item 17: a closed pipe after the product is made ends quietly --------------------------------
+
+
+def closed_pipe() -> int:
+    """The write end of a pipe nobody reads (`| true` after true has exited)."""
+    read, write = os.pipe()
+    os.close(read)
+    return write
+
+
+@posix_only
+def test_train_into_a_closed_pipe_exits_0_quietly(tmp_path):
+    (tmp_path / "small.txt").write_text(make_songs(), encoding="utf-8")
+    write = closed_pipe()
+    try:
+        result = rnngen("train", "small.txt", *TR, stdout=write, cwd=tmp_path)
+    finally:
+        os.close(write)
+    err = result.stderr.decode()
+    assert result.returncode == 0, err
+    assert err.startswith("Done:") and len(err.splitlines()) == 1, err
+    assert (tmp_path / "models" / "small" / "config.json").is_file()
+
+
+@posix_only
+def test_sample_into_a_closed_pipe_exits_0_quietly(tmp_path):
+    write = closed_pipe()
+    try:
+        result = rnngen(*SAMPLE, stdout=write, cwd=tmp_path)
+    finally:
+        os.close(write)
+    assert result.returncode == 0 and result.stderr == b"", result.stderr
+
+
 # ---- item 13: the hints print commands that work when pasted ---------------------------------------
 
 
