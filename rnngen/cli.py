@@ -479,6 +479,7 @@ def _interactive(loaded, request, index, as_json: bool, amp) -> None:
     from rnngen.errors import RnngenError
     from rnngen.sample import generate
 
+    _emit("")  # a closed stdout fails here, in one line, rather than in input()
     _err("Type a seed and press Enter (an empty line starts a new song). Ctrl-C stops a sample, Ctrl-D quits.")
     while True:
         sys.stderr.write("seed> ")  # the prompt is not product: stdout stays clean for pipes

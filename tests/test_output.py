@@ -40,8 +40,9 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 @posix_only
-def test_sample_with_stdout_closed_is_one_line(tmp_path):
-    result = rnngen(*SAMPLE, stdout=None, preexec_fn=lambda: os.close(1), cwd=tmp_path)
+@pytest.mark.parametrize("extra", [[], ["--interactive"]])
+def test_sample_with_stdout_closed_is_one_line(tmp_path, extra):
+    result = rnngen(*SAMPLE, *extra, stdout=None, preexec_fn=lambda: os.close(1), cwd=tmp_path, input="我\n".encode())
     assert one_error_line(result).startswith("Error: cannot write to standard output:")
 
 
