@@ -6,6 +6,8 @@ stays fast.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
@@ -199,20 +201,55 @@ def train(
         if not main:
             raise typer.Exit(128 + stop.signum if result.stop_reason == "interrupted" else 0)
         if result.stop_reason == "interrupted":
-            again = " ".join(["rnngen", "train", *corpus, "--out", str(out_dir), "--resume"])
-            _err(f"Interrupted at step {result.steps}; checkpoint saved. Continue with: {again}")
+            again = ["rnngen", "train", *corpus, "--out", str(out_dir), "--resume"]
+            again += ["--encoding", encoding] if encoding != "utf-8" else []
+            _err(f"Interrupted at step {result.steps}; checkpoint saved. Continue with: {_command_line(again)}")
             raise typer.Exit(128 + stop.signum)
         bpc = f", best validation {result.best_val_bpc:.3f} bits/char" if result.best_val_bpc is not None else ""
-        _err(f"Done: {result.stop_reason} after {result.steps} steps{bpc}. Try: rnngen sample --model {out_dir}")
-        typer.echo(str(out_dir))
+        try_it = _command_line(["rnngen", "sample", "--model", _model_arg(out_dir)])
+        _err(f"Done: {result.stop_reason} after {result.steps} steps{bpc}. Try: {try_it}")
+        _emit(f"{out_dir}\n")  # the model is saved: a closed pipe here still exits 0
+
+
+def _model_arg(directory: Path) -> str:
+    """How to give DIRECTORY to --model: NAME for models/NAME, else a path resolve_model reads as one."""
+    if directory.parent == Path("models"):
+        return directory.name
+    text = str(directory)
+    if directory.is_absolute() or text.startswith("."):
+        return text
+    return os.curdir + os.sep + text  # 'base' alone would be looked up as models/base
+
+
+def _command_line(args: list[str]) -> str:
+    """ARGS quoted so that pasting the line into a shell runs them."""
+    if os.name == "nt":
+        import subprocess
+
+        return subprocess.list2cmdline(args)
+    import shlex
+
+    return shlex.join(args)
+
+
+def _default_name(first: str) -> str:
+    """A valid model name from the corpus file's name: 'my songs.txt' -> 'my_songs', '歌词.txt' -> '歌词'."""
+    if first == "-":
+        return "stdin"
+    path = Path(first)
+    for raw in (path.stem, path.resolve().name):  # '.', '..': the directory's own name
+        # spaces, shell characters and undecodable bytes (surrogates) become '_'; no hidden directories
+        name = re.sub(r"[^\w.\-]", "_", raw).lstrip(".")
+        if name:
+            return name
+    return "model"
 
 
 def _model_dir(corpus: list[str], name: Optional[str], out: Optional[Path]) -> Path:
     if out is not None:
         return out
     if name is None:
-        first = corpus[0] if corpus else "-"
-        name = "stdin" if first == "-" else (Path(first).stem or Path(first).resolve().name or "model")
+        name = _default_name(corpus[0] if corpus else "-")
     if not re.fullmatch(r"[\w.\-]+", name) or name in (".", ".."):
         raise typer.BadParameter(f"{name!r}: use letters, digits, '.', '_' and '-' (or --out for a path)", param_hint="--name")
     return Path("models") / name
@@ -396,11 +433,8 @@ def sample(
             return
         request.validate(loaded.tokenizer.vocab_size)
         _warn_unknown(loaded, seed)
-        try:
-            with autocast(dev, dtype):
-                _write_samples(generate(loaded, request, index), request, loaded, as_json, index)
-        except BrokenPipeError:
-            _quiet_stdout()
+        with autocast(dev, dtype):
+            _write_samples(generate(loaded, request, index), request, loaded, as_json, index)
         _warn_dead_ends(request)
 
 
@@ -424,6 +458,7 @@ def _interactive(loaded, request, index, as_json: bool, amp) -> None:
     from rnngen.errors import RnngenError
     from rnngen.sample import generate
 
+    _emit("")  # a closed stdout fails here, in one line, rather than in input()
     _err("Type a seed and press Enter (an empty line starts a new song). Ctrl-C stops a sample, Ctrl-D quits.")
     while True:
         sys.stderr.write("seed> ")  # the prompt is not product: stdout stays clean for pipes
@@ -443,21 +478,14 @@ def _interactive(loaded, request, index, as_json: bool, amp) -> None:
         except RnngenError as exc:  # a bad seed is answered, not fatal
             _err(f"Error: {exc}")
         except KeyboardInterrupt:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-        except BrokenPipeError:
-            _quiet_stdout()
-            return
+            _emit("\n")
 
 
 def _write_samples(pieces, request, loaded, as_json: bool, index=None) -> None:
-    out = sys.stdout
     if request.num_samples == 1 and not as_json:
         for _, text in pieces:  # stream as tokens are made
-            out.write(text)
-            out.flush()
-        out.write("\n")
-        out.flush()
+            _emit(text)
+        _emit("\n")
         return
     from rnngen.novelty import copy_report
 
@@ -474,16 +502,53 @@ def _write_samples(pieces, request, loaded, as_json: bool, index=None) -> None:
                 record.update(copy_report(index, text).to_dict())
             else:
                 record.update(longest_copy=None, longest_copy_text=None, copied_8gram_share=None)
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            _emit(json.dumps(record, ensure_ascii=False) + "\n")
         else:
-            out.write(("\n" if i else "") + text + "\n")
-    out.flush()
+            _emit(("\n" if i else "") + text + "\n")
+
+
+def _emit(text: str) -> None:
+    """The one place that writes the product to stdout, as UTF-8 whatever the locale or console.
+
+    A closed pipe (`| head`) ends the command quietly with exit 0; a closed stdout or a failed write
+    (a full disk) is one 'Error: ...' line and exit 1.
+    """
+    out = sys.stdout
+    try:
+        if out is None:  # fd 1 was closed when Python started
+            raise OSError(errno.EBADF, "it is closed")
+        buffer = getattr(out, "buffer", None)
+        if buffer is None:  # stdout replaced by a text-only stream (an IDE, a test harness)
+            out.write(text)
+            out.flush()
+        else:  # bytes: a Windows console's buffer takes UTF-8 too
+            out.flush()
+            buffer.write(text.encode("utf-8", "replace"))
+            buffer.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+        raise typer.Exit(0) from None
+    except OSError as exc:
+        _quiet_stdout()
+        _err(f"Error: cannot write to standard output: {exc.strerror or exc}")
+        raise typer.Exit(1) from None
+
+
+def _emit_table(table) -> None:
+    """A rich table through _emit: styled on a terminal (not on Windows, whose console may not read ANSI)."""
+    from rich.console import Console
+
+    tty = sys.stdout is not None and sys.stdout.isatty() and os.name != "nt"
+    console = Console(file=io.StringIO(), force_terminal=tty, color_system="auto" if tty else None)
+    console.print(table)
+    _emit(console.file.getvalue())
 
 
 def _quiet_stdout() -> None:
-    """After a closed pipe (`| head`), send further output nowhere so Python exits quietly."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    """After a closed pipe or a failed write, send what is left nowhere so Python exits quietly."""
+    if sys.stdout is not None:  # None: fd 1 was closed at start-up (and may now be another file)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _load(model: Optional[str], device: str):
@@ -527,9 +592,8 @@ def evaluate(
         else:
             metrics = evaluate_validation(loaded, dtype)
         if as_json:
-            typer.echo(json.dumps({**metrics.to_dict(), "model": str(loaded.directory)}, ensure_ascii=False))
+            _emit(json.dumps({**metrics.to_dict(), "model": str(loaded.directory)}, ensure_ascii=False) + "\n")
             return
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"{loaded.directory.name}: {metrics.source}", title_justify="left")
@@ -540,7 +604,7 @@ def evaluate(
                              ("bits per character", f"{metrics.bits_per_char:.4f}"),
                              ("unknown characters", f"{metrics.unknown_chars:,}")):
             table.add_row(label, value)
-        Console().print(table)
+        _emit_table(table)
 
 
 def _copy_table(loaded, corpus, as_json: bool) -> None:
@@ -554,9 +618,8 @@ def _copy_table(loaded, corpus, as_json: bool) -> None:
     record = {"source": ", ".join(corpus.sources), "characters": len(corpus.text), **report.to_dict(),
               "model": str(loaded.directory)}
     if as_json:
-        typer.echo(json.dumps(record, ensure_ascii=False))
+        _emit(json.dumps(record, ensure_ascii=False) + "\n")
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{loaded.directory.name}: copying in {record['source']}", title_justify="left")
@@ -566,7 +629,7 @@ def _copy_table(loaded, corpus, as_json: bool) -> None:
     table.add_row("longest run found in the training text", f"{report.longest_copy:,} characters")
     table.add_row("that run", repr(report.longest_copy_text))
     table.add_row("8-character windows found there", f"{report.copied_8gram_share:.1%}")
-    Console().print(table)
+    _emit_table(table)
 
 
 def main() -> None:
