@@ -135,7 +135,8 @@ def _train(
 ) -> TrainResult:
     world, dev = join(pick_device(device))
     emit = on_progress if (on_progress and world.main) else (lambda kind, info: None)
-    resume = bool(world.sum([float(resume)])[0]) if world.size > 1 else resume  # rank 0 decided (train())
+    if world.size > 1:  # rank 0 decided in train() (a run that never saved starts afresh): tell the others
+        resume = bool(world.sum([float(resume) if world.main else 0.0])[0])
     work = out_dir if resume else out_dir / STAGING_DIR  # where this run writes until its first save is in place
 
     saved: dict[str, Any] | None = None
