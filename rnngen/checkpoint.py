@@ -10,6 +10,7 @@ import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +20,9 @@ from rnngen import __version__
 from rnngen.config import ModelConfig, TrainConfig, to_dict
 from rnngen.errors import ModelError, UsageError
 from rnngen.files import atomic_write, fsync_dir
+from rnngen.memory import Mixture
 from rnngen.model import RNNLM
+from rnngen.ngram import NGRAM_FILE, KneserNey
 from rnngen.tokenizer import CHAR_FILE, SPM_FILE, Tokenizer, load_tokenizer
 from rnngen.tokens import TOKENS_DIR, is_cache_file
 
@@ -28,7 +31,7 @@ CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE, METRICS_FILE = "config.json", "model.sa
 INDEX_FILE = "novelty.safetensors"  # the copy-check index (novelty.py)
 LOCK_FILE = "train.lock"
 STAGING_DIR, COMPLETE_MARK = ".rnngen-new", "complete.json"  # a fresh run's files until its first save
-MODEL_FILES = (CONFIG_FILE, CHAR_FILE, SPM_FILE, WEIGHTS_FILE, TRAINER_FILE, METRICS_FILE, INDEX_FILE)
+MODEL_FILES = (CONFIG_FILE, CHAR_FILE, SPM_FILE, WEIGHTS_FILE, TRAINER_FILE, METRICS_FILE, INDEX_FILE, NGRAM_FILE)
 BUNDLED_NAME = "songci"
 
 
@@ -42,6 +45,22 @@ class LoadedModel:
     @property
     def train_config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.meta.get("train", {}))
+
+    @property
+    def mixture(self) -> Mixture | None:
+        """The fitted song-memory weights (None: the network alone, as models before them)."""
+        data = self.meta.get("song_memory")
+        if data is None:
+            return None
+        try:
+            return Mixture.from_dict(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{self.directory / CONFIG_FILE} is damaged: song_memory: {exc}") from None
+
+    @cached_property
+    def ngram(self) -> KneserNey | None:
+        """The n-gram the network is mixed with, counted on first use (about a second per 2 M tokens)."""
+        return KneserNey.load(self.directory, self.tokenizer.vocab_size)
 
 
 @contextmanager

@@ -206,6 +206,8 @@ def train(
             _err(f"Interrupted at step {result.steps}; checkpoint saved. Continue with: {_command_line(again)}")
             raise typer.Exit(128 + stop.signum)
         bpc = f", best validation {result.best_val_bpc:.3f} bits/char" if result.best_val_bpc is not None else ""
+        if result.val_bpc is not None:
+            bpc += f" ({result.val_bpc:.3f} with n-gram and song memory, {result.val_bpc_base:.3f} without song memory)"
         try_it = _command_line(["rnngen", "sample", "--model", _model_arg(out_dir)])
         _err(f"Done: {result.stop_reason} after {result.steps} steps{bpc}. Try: {try_it}")
         _emit(f"{out_dir}\n")  # the model is saved: a closed pipe here still exits 0
@@ -397,6 +399,7 @@ def sample(
     rhyme: str = typer.Option("", "--rhyme", help="押韵 scheme such as AABB, ABAB or AAAA: lines with the same letter end in characters whose pinyin finals rhyme (needs --line-length)."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Above 1 makes characters already in the sample less likely (1: off)."),
     max_copy: Optional[int] = typer.Option(None, "--max-copy", help="Never write a run of more than K characters found verbatim in the training text: a token that would make one is struck out and another drawn."),
+    no_song_memory: bool = typer.Option(False, "--no-song-memory", help="Do not let a song draw on its own earlier text (by default a chorus can come back, as in real songs)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per sample (text, settings, seeds, and how much of it is copied from the training text: longest_copy, copied_8gram_share) instead of plain text."),
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Ask for seeds on the terminal, one per line, and answer each with lyrics; the model stays loaded. Ctrl-C stops a sample, Ctrl-D quits."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, auto, bf16 (CPUs with AMX/AVX512-BF16, GPUs) or fp16 (GPUs)."),
@@ -417,7 +420,7 @@ def sample(
         request = SampleRequest(
             seed_text=seed, length=length, settings=SamplingSettings(temperature, top_k, top_p),
             num_samples=num_samples, random_seed=random_seed, stop_at_end=stop_at_end, songs=songs,
-            structure=structure, max_copy=max_copy,
+            structure=structure, max_copy=max_copy, song_memory=not no_song_memory,
         )
         if length < 1 or num_samples < 1 or max_copy is not None:
             request.validate(1 << 30)  # fail before loading the model
@@ -569,11 +572,13 @@ def evaluate(
     encoding: str = typer.Option("utf-8", "--encoding", help="Text encoding of FILE."),
     samples: Optional[str] = typer.Option(None, "--samples", help="Instead of the loss: how much of this text (a file, or - for stdin) is copied from the model's training text, as the longest verbatim run and the share of 8-character windows found there."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    no_song_memory: bool = typer.Option(False, "--no-song-memory", help="Score without song memory (each song's own earlier text): bits_per_char then equals bits_per_char_base."),
     precision: str = typer.Option("fp32", "--precision", help="auto, fp32, bf16 or fp16 (GPU)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
 ) -> None:
-    """Report held-out loss (nats/token), perplexity and bits per character."""
+    """Report held-out loss (nats/token), perplexity and bits per character: as the model predicts
+    (network, n-gram and song memory), without song memory (base), and of the network alone."""
     with _errors_to_exit():
         _set_threads(threads)
         from rnngen.data import read_corpus
@@ -588,9 +593,9 @@ def evaluate(
             return
         dtype = pick_dtype(precision, next(loaded.model.parameters()).device)
         if files:
-            metrics = evaluate_corpus(loaded, read_corpus(files, encoding), dtype)
+            metrics = evaluate_corpus(loaded, read_corpus(files, encoding), dtype, not no_song_memory)
         else:
-            metrics = evaluate_validation(loaded, dtype)
+            metrics = evaluate_validation(loaded, dtype, not no_song_memory)
         if as_json:
             _emit(json.dumps({**metrics.to_dict(), "model": str(loaded.directory)}, ensure_ascii=False) + "\n")
             return
@@ -601,7 +606,10 @@ def evaluate(
         table.add_column("value", justify="right")
         for label, value in (("tokens", f"{metrics.tokens:,}"), ("characters", f"{metrics.characters:,}"),
                              ("loss (nats/token)", f"{metrics.loss:.4f}"), ("perplexity", f"{metrics.perplexity:.2f}"),
-                             ("bits per character", f"{metrics.bits_per_char:.4f}"),
+                             ("bits per character" + (" (with song memory)" if metrics.song_memory else ""),
+                              f"{metrics.bits_per_char:.4f}"),
+                             ("bits per character without song memory", f"{metrics.bits_per_char_base:.4f}"),
+                             ("bits per character, network alone", f"{metrics.bits_per_char_network:.4f}"),
                              ("unknown characters", f"{metrics.unknown_chars:,}")):
             table.add_row(label, value)
         _emit_table(table)

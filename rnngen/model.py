@@ -205,6 +205,44 @@ class _HeadLoss(torch.autograd.Function):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def token_nll(model: RNNLM, ids: torch.Tensor, streams: int = 64, seq_len: int = 256, amp=None) -> torch.Tensor:
+    """The negative log-likelihood (nats) of each of ids[1:] given what precedes it, cut as sum_nll cuts."""
+    n = ids.numel() - 1
+    out = torch.zeros(max(n, 0))
+    if n < 1:
+        return out
+    was_training = model.training
+    model.eval()
+    rows = max(1, min(streams, n // 64))
+    cols = n // rows
+    device = next(model.parameters()).device
+    for offset, part in ((0, ids[: rows * cols + 1]), (rows * cols, ids[rows * cols :])):  # the block, then the tail
+        m = part.numel() - 1
+        if m < 1:
+            continue
+        r = rows if offset == 0 else 1
+        c = m // r
+        idx = torch.arange(r).unsqueeze(1) * c + torch.arange(c + 1)
+        block = part[idx].to(device)
+        state = None
+        for start in range(0, c, seq_len):
+            x = block[:, start : start + seq_len]
+            y = block[:, start + 1 : start + 1 + seq_len]
+            x = x[:, : y.size(1)]
+            with amp or nullcontext():
+                hidden, state = model.rnn(model.drop(model.embedding(x.t())), state)  # (seq, batch, hidden)
+            flat, want = hidden.flatten(0, 1), y.t().flatten()
+            starts, step = _chunks(flat.size(0), model.config.vocab_size)
+            nll = torch.cat([F.cross_entropy(F.linear(flat[s : s + step].float(), model.head.weight.float(),
+                                                      model.head.bias.float()), want[s : s + step], reduction="none")
+                             for s in starts])
+            where = offset + idx[:, start : start + y.size(1)].t().flatten()  # each target's place in ids[1:]
+            out[where] = nll.cpu()
+    model.train(was_training)
+    return out
+
+
 def sum_nll(model: RNNLM, ids: torch.Tensor, streams: int = 64, seq_len: int = 256, amp=None) -> tuple[float, int]:
     """Total negative log-likelihood (nats) of predicting ids[1:] from what precedes, and the count.
 

@@ -12,6 +12,7 @@ from rnngen.checkpoint import LoadedModel
 from rnngen.config import MAX_VOCAB, check_range
 from rnngen.constraints import LyricsConstraint, Structure
 from rnngen.errors import UsageError
+from rnngen.memory import Mixer
 from rnngen.novelty import DEPTH, CopyGuard, CorpusIndex, token_pieces
 from rnngen.sampler import SamplingSettings, generate_ids
 
@@ -32,6 +33,7 @@ class SampleRequest:
     songs: int | None = None  # write this many whole songs, each ended by the model
     structure: Structure = field(default_factory=Structure)  # lines, line lengths, acrostic, rhyme
     max_copy: int | None = None  # no run longer than this may occur verbatim in the training text
+    song_memory: bool = True  # let each song draw on its own earlier text (choruses come back)
     dead_ends: int = 0  # set by generate: tokens where every choice the structure allowed was a copy
 
     def validate(self, vocab_size: int) -> None:
@@ -92,8 +94,11 @@ def generate(loaded: LoadedModel, request: SampleRequest, index: CorpusIndex | N
         for i in range(n):
             yield i, request.seed_text
     max_tokens = request.length * 4 + 8  # a byte-fallback token can carry a quarter of a character
+    mixer = None
+    if loaded.mixture is not None:  # the model's own prediction: network, n-gram and (by default) song memory
+        mixer = Mixer(loaded.mixture, loaded.ngram, tok.eos_id, tok.vocab_size, n, request.song_memory)
     steps = generate_ids(model, prompt, max_tokens, request.settings, generator, batch=n, banned=banned,
-                         constraint=constraint, guard=guard)
+                         constraint=constraint, guard=guard, mixer=mixer)
     try:
         for ids in steps:
             for i, token in enumerate(ids.tolist()):

@@ -50,6 +50,7 @@ def generate_ids(
     banned: tuple[int, ...] = (),
     constraint=None,
     guard=None,
+    mixer=None,
 ) -> Iterator[torch.Tensor]:
     """Yield (batch,) tensors of new token ids, one per step, continuing `prompt` in every stream.
 
@@ -57,7 +58,9 @@ def generate_ids(
     carried, the prefix is never re-read). A `constraint` (constraints.LyricsConstraint) may mask
     each step's logits and is told which tokens were chosen. A `guard` (novelty.CopyGuard) vetoes
     tokens that would copy the training text: a vetoed token is struck out and the stream draws
-    again from what is left, so it ends after at most one draw per token of the vocabulary.
+    again from what is left, so it ends after at most one draw per token of the vocabulary. A
+    `mixer` (memory.Mixer) turns the network's logits into the log-probabilities of its mixture
+    with the n-gram and song memory.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -68,7 +71,12 @@ def generate_ids(
     state = model.step_state(state, batch, device)
     ban = torch.zeros(model.config.vocab_size, device=device)
     ban[list(banned)] = float("-inf")  # added each step: far cheaper than indexing the logits
+    if mixer is not None:
+        for token in prompt:
+            mixer.push([token] * batch)
     for _ in range(max_tokens):
+        if mixer is not None:
+            logits = mixer(logits)
         logits = logits.float() + ban
         if constraint is not None:  # song structure: see constraints.py
             logits = constraint.mask(logits)
@@ -77,6 +85,8 @@ def generate_ids(
             ids = _back_off(guard, logits, ids, settings, generator)
         if constraint is not None:
             constraint.update(ids)
+        if mixer is not None:
+            mixer.push(ids.tolist())
         yield ids
         logits, state = model.step(ids, state)
 

@@ -26,6 +26,8 @@ from rnngen.distributed import World, join, leave, process_rank
 from rnngen.errors import CorpusError, Diverged, ModelError, UsageError
 from rnngen.files import append_line, atomic_write
 from rnngen.model import RNNLM, sum_nll
+from rnngen import memory
+from rnngen.ngram import MAX_TOKENS as MAX_NGRAM_TOKENS, NGRAM_FILE, KneserNey
 from rnngen.novelty import MAX_INDEX_CHARS, CorpusIndex
 from rnngen.sampler import SamplingSettings, generate_ids
 from rnngen.tokenizer import load_tokenizer
@@ -40,7 +42,9 @@ class TrainResult:
     steps: int
     stop_reason: str
     best_val_loss: float | None
-    best_val_bpc: float | None
+    best_val_bpc: float | None  # the network alone
+    val_bpc: float | None = None  # the model's prediction: network, n-gram and song memory
+    val_bpc_base: float | None = None  # network and n-gram, without song memory
 
 
 def lr_factor(cfg: TrainConfig, step: int, progress: float, plateau_scale: float) -> float:
@@ -192,6 +196,7 @@ def _train(
         if world.main:
             write_config(work, build_meta(model_config, config, tokenizer, corpus_info))
             _write_index(work, corpus, scanned.bytes, emit)
+            _write_ngram(work, data.train, tokenizer, emit)
     else:
         model = RNNLM(model_config)
 
@@ -237,6 +242,7 @@ def _train(
         meta["corpus"], meta["fine_tuned_from_corpus"] = corpus_info, meta.get("corpus")
         write_config(out_dir, meta)
         _write_index(out_dir, corpus, scanned.bytes, emit, before=CorpusIndex.load(out_dir))  # the model knows both
+        _write_ngram(out_dir, data.train, tokenizer, emit)  # the counts follow the new text
     amp = autocast(dev, dtype)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)  # fp16's range needs loss scaling
     if saved is not None and saved.get("scaler"):
@@ -380,9 +386,16 @@ def _train(
     meta = read_config(out_dir)
     meta["result"] = {"steps": step, "stop_reason": stop_reason, "best_val_loss": best_loss,
                       "best_val_bpc": best_bpc, "train_seconds": round(elapsed, 1)}
+    if stop_reason != "interrupted" and best_loss is not None:
+        emit("info", {"message": "fitting song memory on the validation songs"})
+        mix, figures = _fit_song_memory(out_dir, model, tokenizer, val_ids, val_chars_per_token, amp)
+        meta["song_memory"] = mix.to_dict()
+        meta["result"].update(figures)
     write_config(out_dir, meta)
-    emit("done", {"steps": step, "stop_reason": stop_reason, "best_val_bpc": best_bpc})
-    return TrainResult(out_dir, step, stop_reason, best_loss, best_bpc)
+    result = TrainResult(out_dir, step, stop_reason, best_loss, best_bpc, meta["result"].get("val_bpc"),
+                         meta["result"].get("val_bpc_base"))
+    emit("done", {"steps": step, "stop_reason": stop_reason, "best_val_bpc": best_bpc, "val_bpc": result.val_bpc})
+    return result
 
 
 def _write_index(out_dir: Path, corpus: Corpus | CorpusFiles, size: int, emit: ProgressFn,
@@ -432,6 +445,33 @@ def _truncate_metrics(path: Path, step: int) -> None:
             pass  # a line torn by a kill
     if len(kept) != len(lines):
         atomic_write(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+
+
+def _write_ngram(directory: Path, train_ids: np.ndarray, tokenizer, emit: ProgressFn) -> None:
+    """Keep the training ids for the n-gram the network is mixed with (none for very large corpora)."""
+    (directory / NGRAM_FILE).unlink(missing_ok=True)
+    if len(train_ids) > MAX_NGRAM_TOKENS:
+        emit("info", {"message": f"over {MAX_NGRAM_TOKENS:,} training tokens: no n-gram is mixed in"})
+        return
+    ids = np.concatenate([[tokenizer.eos_id], np.asarray(train_ids, dtype=np.int64)])  # every song starts after an end
+    KneserNey(ids, tokenizer.vocab_size, build=False).save(directory)
+
+
+def _fit_song_memory(out_dir: Path, model: RNNLM, tokenizer, val_ids: torch.Tensor, chars_per_token: float, amp):
+    """Fit the mixture weights on the validation ids with the best weights; returns them and bits/char figures."""
+    from safetensors.torch import load_file
+
+    best = load_file(out_dir / WEIGHTS_FILE)
+    if model.config.tie_weights:
+        best["head.weight"] = best["embedding.weight"]
+    model.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in best.items()})
+    ngram = KneserNey.load(out_dir, tokenizer.vocab_size)
+    scored = memory.parts(model, ngram, val_ids, tokenizer.eos_id, amp)
+    mix = memory.fit(scored, ngram.order if ngram else 1)
+    chars = (val_ids.numel() - 1) * chars_per_token
+    figures = {"val_bpc": scored.bits(mix, True, chars), "val_bpc_base": scored.bits(mix, False, chars),
+               "val_bpc_network": scored.bits(None, False, chars)}
+    return mix, {k: round(v, 4) for k, v in figures.items()}
 
 
 def _check_budget(cfg: TrainConfig) -> None:

@@ -1,0 +1,196 @@
+"""Song memory and the mixture the model predicts with.
+
+A prediction mixes three distributions over the next token:
+- the network's softmax;
+- the Kneser-Ney n-gram of the training text (ngram.py), which knows exact phrases;
+- the song cache: what followed the longest context (up to CACHE_ORDER tokens) seen earlier in
+  the current song, so a chorus comes back (it is emptied at each end of song).
+The weights depend on how much context each count model matched (the n-gram's order, the cache's
+match length): one weight triple per pair, fitted by EM on the validation songs at the end of
+training and kept in config.json ("song_memory"). The base model is the same mixture without the
+cache, with its own weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+CACHE_ORDER = 8  # the longest context the cache matches in the song so far
+PRIOR = 20.0  # pseudo-positions pulling a rarely seen bucket's weights towards the overall fit
+
+
+class SongCache:
+    """The current song's text and, for each context of 1..CACHE_ORDER tokens in it, what followed."""
+
+    def __init__(self, eos_id: int, order: int = CACHE_ORDER):
+        self.eos_id, self.order = eos_id, order
+        self.reset()
+
+    def reset(self) -> None:
+        self.history: list[int] = []
+        self.follow: list[dict[tuple, dict[int, int]]] = [{} for _ in range(self.order + 1)]
+
+    def push(self, token: int) -> None:
+        if token == self.eos_id:  # a new song starts with an empty memory
+            self.reset()
+            return
+        h = self.history
+        for k in range(1, min(self.order, len(h)) + 1):
+            seen = self.follow[k].setdefault(tuple(h[-k:]), {})
+            seen[token] = seen.get(token, 0) + 1
+        h.append(token)
+
+    def match(self) -> tuple[int, dict[int, int] | None]:
+        """The longest context length matched (0: none) and the counts of what followed it."""
+        h = self.history
+        for k in range(min(self.order, len(h)), 0, -1):
+            seen = self.follow[k].get(tuple(h[-k:]))
+            if seen:
+                return k, seen
+        return 0, None
+
+
+@dataclass
+class Mixture:
+    """Fitted weights: full[n-gram order - 1][cache match][network, n-gram, cache], base[order - 1][network, n-gram]."""
+
+    full: np.ndarray  # (ngram_order, CACHE_ORDER + 1, 3)
+    base: np.ndarray  # (ngram_order, 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cache_order": self.full.shape[1] - 1, "full": np.round(self.full, 6).tolist(),
+                "base": np.round(self.base, 6).tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Mixture":
+        full, base = np.asarray(data["full"], dtype=np.float64), np.asarray(data["base"], dtype=np.float64)
+        if full.ndim != 3 or full.shape[2] != 3 or base.shape != (full.shape[0], 2) or not np.isfinite(full).all():
+            raise ValueError("song_memory weights have the wrong shape")
+        return cls(full, base)
+
+
+def cache_scores(ids: np.ndarray, eos_id: int, order: int = CACHE_ORDER) -> tuple[np.ndarray, np.ndarray]:
+    """For each ids[t], t >= 1: the song cache's probability of it (0 without a match) and the match length."""
+    cache = SongCache(eos_id, order)
+    n = len(ids) - 1
+    p, k = np.zeros(n), np.zeros(n, dtype=np.int64)
+    tokens = ids.tolist()
+    cache.push(tokens[0])
+    for t in range(n):
+        length, seen = cache.match()
+        if seen:
+            p[t] = seen.get(tokens[t + 1], 0) / sum(seen.values())
+            k[t] = length
+        cache.push(tokens[t + 1])
+    return p, k
+
+
+def fit(parts: "Parts", orders: int, cache_order: int = CACHE_ORDER, iterations: int = 40) -> Mixture:
+    """EM for the mixture weights of each (n-gram order, cache match) bucket, and of the base mixture."""
+    width = cache_order + 1
+    allowed = np.ones((orders * width, 3))
+    allowed[np.arange(orders * width) % width == 0, 2] = 0.0  # no cache match: the cache has nothing to say
+    full = _em(np.stack([parts.p_net, parts.p_ngram, parts.p_cache], 1),
+               (parts.ngram_order - 1) * width + parts.cache_k, allowed, iterations)
+    base = _em(np.stack([parts.p_net, parts.p_ngram], 1), parts.ngram_order - 1, np.ones((orders, 2)), iterations)
+    return Mixture(full.reshape(orders, width, 3), base)
+
+
+def _em(probs: np.ndarray, bucket: np.ndarray, allowed: np.ndarray, iterations: int) -> np.ndarray:
+    """Mixture weights per bucket (rows of `allowed`; a 0 keeps that part out of that bucket)."""
+    buckets, parts = allowed.shape
+    weights = allowed / allowed.sum(1, keepdims=True)
+    overall = np.full(parts, 1.0 / parts)
+    for _ in range(iterations):
+        joint = weights[bucket] * probs
+        resp = joint / np.maximum(joint.sum(1, keepdims=True), 1e-300)
+        if len(resp):
+            overall = resp.mean(0)
+        sums = np.stack([np.bincount(bucket, weights=resp[:, j], minlength=buckets) for j in range(parts)], 1)
+        weights = (sums + PRIOR * overall) * allowed
+        weights /= np.maximum(weights.sum(1, keepdims=True), 1e-300)
+    return weights
+
+
+@dataclass
+class Parts:
+    """What each part of the mixture says about each target of a token stream."""
+
+    p_net: np.ndarray  # the network's probability of the target
+    p_ngram: np.ndarray  # the n-gram's (1/V without one)
+    ngram_order: np.ndarray  # the longest n-gram order whose context was seen (1..order)
+    p_cache: np.ndarray  # the song cache's (0 without a match)
+    cache_k: np.ndarray  # the cache's match length (0..CACHE_ORDER)
+
+    def bits(self, mix: Mixture | None, memory: bool, characters: int) -> float:
+        """Bits per character of the mixture (the network alone without `mix`)."""
+        p = self.p_net if mix is None else mixed_probs(mix, self, memory)
+        return float(-np.log(np.maximum(p, 1e-300)).sum() / characters / np.log(2))
+
+
+def parts(model, ngram, ids: torch.Tensor, eos_id: int, amp=None) -> Parts:
+    """Score ids[1:] from what precedes with each part of the mixture."""
+    from rnngen.model import token_nll
+
+    p_net = np.exp(-token_nll(model, ids, amp=amp).double().numpy())
+    flat = ids.numpy().astype(np.int64)
+    if ngram is not None:
+        p_ngram, order = ngram.score(flat)
+    else:
+        p_ngram, order = np.full(len(flat) - 1, 1.0 / model.config.vocab_size), np.ones(len(flat) - 1, dtype=np.int64)
+    p_cache, k = cache_scores(flat, eos_id)
+    return Parts(p_net, p_ngram, order, p_cache, k)
+
+
+def mixed_probs(mix: Mixture, parts: Parts, memory: bool = True) -> np.ndarray:
+    """The mixture's probability of each target (with the song cache when `memory`)."""
+    if not memory:
+        w = mix.base[parts.ngram_order - 1]
+        return w[:, 0] * parts.p_net + w[:, 1] * parts.p_ngram
+    w = mix.full[parts.ngram_order - 1, parts.cache_k]
+    return w[:, 0] * parts.p_net + w[:, 1] * parts.p_ngram + w[:, 2] * parts.p_cache
+
+
+class Mixer:
+    """Mixes the network's next-token logits with the n-gram and each stream's song cache while sampling."""
+
+    def __init__(self, mix: Mixture, ngram, eos_id: int, vocab_size: int, batch: int, song_memory: bool = True):
+        self.mix, self.ngram, self.memory = mix, ngram, song_memory
+        self.vocab_size = vocab_size
+        self.history: list[list[int]] = [[] for _ in range(batch)]
+        self.caches = [SongCache(eos_id, mix.full.shape[1] - 1) for _ in range(batch)]
+        self.uniform = np.full(vocab_size, 1.0 / vocab_size)
+
+    def push(self, tokens: list[int]) -> None:
+        """One token for every stream."""
+        for b, token in enumerate(tokens):
+            h = self.history[b]
+            h.append(token)
+            if len(h) > 64:
+                del h[:-16]
+            self.caches[b].push(token)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (batch, vocab) -> log-probabilities of the mixture (batch, vocab)."""
+        p_net = torch.softmax(logits.float(), -1).cpu().numpy().astype(np.float64)
+        out = np.empty_like(p_net)
+        for b in range(p_net.shape[0]):
+            if self.ngram is not None:
+                p_ngram, order = self.ngram.distribution(self.history[b])
+            else:
+                p_ngram, order = self.uniform, 1
+            k, seen = self.caches[b].match() if self.memory else (0, None)
+            if seen:
+                w = self.mix.full[order - 1, k]
+                row = w[0] * p_net[b] + w[1] * p_ngram
+                total = sum(seen.values())
+                row[list(seen)] += w[2] * np.fromiter(seen.values(), dtype=np.float64) / total
+            else:
+                w = self.mix.full[order - 1, 0] if self.memory else self.mix.base[order - 1]
+                row = w[0] * p_net[b] + w[1] * p_ngram
+            out[b] = row
+        return torch.from_numpy(np.log(np.maximum(out, 1e-300))).to(logits.device, torch.float32)
