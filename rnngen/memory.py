@@ -21,37 +21,73 @@ import torch
 
 CACHE_ORDER = 8  # the longest context the cache matches in the song so far
 PRIOR = 20.0  # pseudo-positions pulling a rarely seen bucket's weights towards the overall fit
+COPY_BUDGET = 3  # while sampling, a passage of the song can be sung again this many times
 
 
 class SongCache:
-    """The current song's text and, for each context of 1..CACHE_ORDER tokens in it, what followed."""
+    """The current song's tokens and, for each context of 1..CACHE_ORDER tokens in it, where it was followed.
 
-    def __init__(self, eos_id: int, order: int = CACHE_ORDER):
-        self.eos_id, self.order = eos_id, order
+    While sampling, `budget` limits how often one passage can be sung again: each token remembers
+    the earlier token it was copied from (its root, when the cache offered it), and a root copied
+    `budget` times is no longer offered. A chorus comes back; a line does not loop for ever.
+    """
+
+    def __init__(self, eos_id: int, order: int = CACHE_ORDER, budget: int | None = None, newline_id: int | None = None):
+        self.eos_id, self.order, self.budget, self.newline_id = eos_id, order, budget, newline_id
         self.reset()
 
     def reset(self) -> None:
         self.history: list[int] = []
-        self.follow: list[dict[tuple, dict[int, int]]] = [{} for _ in range(self.order + 1)]
+        self.follow: list[dict[tuple, list[int]]] = [{} for _ in range(self.order + 1)]  # context -> next positions
+        self.roots: list[int] = []  # per position: the position its token was first sung at
+        self.uses: dict[int, int] = {}  # root -> times copied
+        self.offered: list[int] = []  # the positions the last match() offered
+        self.lines = [0]  # where each line starts (with a newline_id)
 
     def push(self, token: int) -> None:
         if token == self.eos_id:  # a new song starts with an empty memory
             self.reset()
             return
-        h = self.history
-        for k in range(1, min(self.order, len(h)) + 1):
-            seen = self.follow[k].setdefault(tuple(h[-k:]), {})
-            seen[token] = seen.get(token, 0) + 1
+        h, t = self.history, len(self.history)
+        root = t
+        for j in reversed(self.offered):  # sung again from the most recent place offered
+            if h[j] == token:
+                root = self.roots[j]
+                self.uses[root] = self.uses.get(root, 0) + 1
+                break
+        for k in range(1, min(self.order, t) + 1):
+            self.follow[k].setdefault(tuple(h[-k:]), []).append(t)
         h.append(token)
+        self.roots.append(root)
+        self.offered = []
+        if token == self.newline_id:
+            self.lines.append(t + 1)
 
-    def match(self) -> tuple[int, dict[int, int] | None]:
-        """The longest context length matched (0: none) and the counts of what followed it."""
+    def match(self) -> tuple[int, list[int]]:
+        """The longest context length matched (0: none) and the positions of the tokens that followed it."""
         h = self.history
         for k in range(min(self.order, len(h)), 0, -1):
-            seen = self.follow[k].get(tuple(h[-k:]))
-            if seen:
-                return k, seen
-        return 0, None
+            places = self.follow[k].get(tuple(h[-k:]))
+            if places and self.budget is not None:
+                places = [j for j in places if self.uses.get(self.roots[j], 0) < self.budget and not self._echo(j)]
+            if places:
+                self.offered = places
+                return k, places
+        return 0, []
+
+    def _echo(self, j: int) -> bool:
+        """Whether copying position j would sing the line just before again, word for word."""
+        if len(self.lines) < 2:
+            return False
+        start, before = self.lines[-1], self.lines[-2]
+        return before <= j < start and j - before == len(self.history) - start
+
+    def counts(self, places: list[int]) -> dict[int, int]:
+        """How often each token followed, at these positions."""
+        seen: dict[int, int] = {}
+        for j in places:
+            seen[self.history[j]] = seen.get(self.history[j], 0) + 1
+        return seen
 
 
 @dataclass
@@ -81,9 +117,10 @@ def cache_scores(ids: np.ndarray, eos_id: int, order: int = CACHE_ORDER) -> tupl
     tokens = ids.tolist()
     cache.push(tokens[0])
     for t in range(n):
-        length, seen = cache.match()
-        if seen:
-            p[t] = seen.get(tokens[t + 1], 0) / sum(seen.values())
+        length, places = cache.match()
+        if places:
+            target = tokens[t + 1]
+            p[t] = sum(cache.history[j] == target for j in places) / len(places)
             k[t] = length
         cache.push(tokens[t + 1])
     return p, k
@@ -158,11 +195,12 @@ def mixed_probs(mix: Mixture, parts: Parts, memory: bool = True) -> np.ndarray:
 class Mixer:
     """Mixes the network's next-token logits with the n-gram and each stream's song cache while sampling."""
 
-    def __init__(self, mix: Mixture, ngram, eos_id: int, vocab_size: int, batch: int, song_memory: bool = True):
+    def __init__(self, mix: Mixture, ngram, eos_id: int, vocab_size: int, batch: int, song_memory: bool = True,
+                 newline_id: int | None = None):
         self.mix, self.ngram, self.memory = mix, ngram, song_memory
         self.vocab_size = vocab_size
         self.history: list[list[int]] = [[] for _ in range(batch)]
-        self.caches = [SongCache(eos_id, mix.full.shape[1] - 1) for _ in range(batch)]
+        self.caches = [SongCache(eos_id, mix.full.shape[1] - 1, COPY_BUDGET, newline_id) for _ in range(batch)]
         self.uniform = np.full(vocab_size, 1.0 / vocab_size)
 
     def push(self, tokens: list[int]) -> None:
@@ -183,8 +221,9 @@ class Mixer:
                 p_ngram, order = self.ngram.distribution(self.history[b])
             else:
                 p_ngram, order = self.uniform, 1
-            k, seen = self.caches[b].match() if self.memory else (0, None)
-            if seen:
+            k, places = self.caches[b].match() if self.memory else (0, [])
+            if places:
+                seen = self.caches[b].counts(places)
                 w = self.mix.full[order - 1, k]
                 row = w[0] * p_net[b] + w[1] * p_ngram
                 total = sum(seen.values())

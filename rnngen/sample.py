@@ -96,7 +96,9 @@ def generate(loaded: LoadedModel, request: SampleRequest, index: CorpusIndex | N
     max_tokens = request.length * 4 + 8  # a byte-fallback token can carry a quarter of a character
     mixer = None
     if loaded.mixture is not None:  # the model's own prediction: network, n-gram and (by default) song memory
-        mixer = Mixer(loaded.mixture, loaded.ngram, tok.eos_id, tok.vocab_size, n, request.song_memory)
+        newline = list(tok.encode("\n"))
+        mixer = Mixer(loaded.mixture, loaded.ngram, tok.eos_id, tok.vocab_size, n, request.song_memory,
+                      newline[0] if len(newline) == 1 else None)
     steps = generate_ids(model, prompt, max_tokens, request.settings, generator, batch=n, banned=banned,
                          constraint=constraint, guard=guard, mixer=mixer)
     try:
