@@ -6,7 +6,8 @@ Measures, on this machine and in this run: the fp32 and bf16 matmul peak; rnngen
 throughput (chars/s and model-FLOPs utilisation) for the default model and for the 2x512
 reference shape; the same for ref_lstm.py with that shape (when --ref is given); sampling
 chars/s for one stream and for 64 streams; the cost of --max-copy 8 with the bundled model (a
-trained model, so it really copies); and the ratios between them. Medians of repeats.
+trained model, so it really copies); the cost of the n-gram and song memory with the bundled model;
+and the ratios between them. Medians of repeats.
 """
 
 from __future__ import annotations
@@ -126,6 +127,21 @@ def copy_guard_speed(length: int, repeats: int) -> tuple[float, float]:
     return speeds[0], speeds[1]
 
 
+def song_memory_speed(length: int, repeats: int) -> tuple[float, float, float] | None:
+    """chars/s of one stream from the bundled model: the network alone (the path before song memory),
+    network + n-gram (--no-song-memory), and network + n-gram + song memory (the default)."""
+    loaded = load_model(bundled_dir())
+    if loaded.mixture is None:
+        return None
+    alone = LoadedModel(loaded.model, loaded.tokenizer, loaded.directory,
+                        {k: v for k, v in loaded.meta.items() if k != "song_memory"})
+    speeds = []
+    for model, memory in ((alone, True), (loaded, False), (loaded, True)):
+        req = lambda: SampleRequest(length=length, settings=SamplingSettings(0.8), random_seed=1, song_memory=memory)
+        speeds.append(length / median_time(lambda: sum(1 for _ in generate(model, req())), repeats))
+    return speeds[0], speeds[1], speeds[2]
+
+
 def ref_run(ref: Path, corpus: str, mode: str, extra: list[str]) -> dict:
     out = subprocess.run([sys.executable, str(ref), "--data", corpus, "--mode", mode, *extra],
                          capture_output=True, text=True, check=True).stdout
@@ -190,6 +206,13 @@ def main() -> None:
     row("rnngen sample bundled 2x384, one stream", f"{free:,.0f} chars/s")
     row("rnngen sample bundled 2x384, one stream, --max-copy 8", f"{guarded:,.0f} chars/s")
     row("ratio: --max-copy 8 / unconstrained", f"{guarded / free:.2f}x")
+    memory = song_memory_speed(2000, a.repeats)
+    if memory:
+        alone, base, full = memory
+        row("rnngen sample bundled, one stream, network alone", f"{alone:,.0f} chars/s")
+        row("rnngen sample bundled, one stream, + n-gram (--no-song-memory)", f"{base:,.0f} chars/s")
+        row("rnngen sample bundled, one stream, + n-gram + song memory", f"{full:,.0f} chars/s")
+        row("ratio: with song memory / network alone", f"{full / alone:.2f}x")
     if ref_cps:
         row("ratio: train 2x512 rnngen / ref", f"{results['2x512'] / ref_cps:.2f}x")
         row("ratio: sample one stream rnngen / ref", f"{one / ref_sample:.2f}x")

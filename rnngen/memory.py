@@ -104,7 +104,8 @@ class Mixture:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Mixture":
         full, base = np.asarray(data["full"], dtype=np.float64), np.asarray(data["base"], dtype=np.float64)
-        if full.ndim != 3 or full.shape[2] != 3 or base.shape != (full.shape[0], 2) or not np.isfinite(full).all():
+        if full.ndim != 3 or full.shape[2] != 3 or base.shape != (full.shape[0], 2) \
+                or not (np.isfinite(full).all() and np.isfinite(base).all()):
             raise ValueError("song_memory weights have the wrong shape")
         return cls(full, base)
 

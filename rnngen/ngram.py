@@ -25,7 +25,7 @@ from rnngen.files import atomic_write
 
 NGRAM_FILE = "ngram.safetensors"
 ORDER = 5  # n-gram length: 4 tokens of context
-MAX_TOKENS = 10_000_000  # larger corpora get no n-gram (the network has data enough; tables would be large)
+MAX_TOKENS = 5_000_000  # larger corpora get no n-gram: counting it on every load would take seconds
 
 
 @dataclass
