@@ -610,6 +610,8 @@ def evaluate(
                               f"{metrics.bits_per_char:.4f}"),
                              ("bits per character without song memory", f"{metrics.bits_per_char_base:.4f}"),
                              ("bits per character, network alone", f"{metrics.bits_per_char_network:.4f}"),
+                             ("bits per character, n-gram alone",
+                              "-" if metrics.bits_per_char_ngram is None else f"{metrics.bits_per_char_ngram:.4f}"),
                              ("unknown characters", f"{metrics.unknown_chars:,}")):
             table.add_row(label, value)
         _emit_table(table)

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rnngen.checkpoint import LoadedModel
@@ -24,6 +25,7 @@ class Metrics:
     bits_per_char: float  # total nats / characters / ln 2: comparable across tokenizers
     bits_per_char_base: float  # the same without song memory (network and n-gram)
     bits_per_char_network: float  # the network alone
+    bits_per_char_ngram: float | None  # the Kneser-Ney n-gram alone (None: the model has none)
     unknown_chars: int  # characters the vocabulary lacks (each predicted as the unknown token)
     song_memory: bool  # whether bits_per_char (and loss) include song memory
     source: str
@@ -42,7 +44,8 @@ def evaluate_songs(loaded: LoadedModel, songs: list[str], source: str, dtype: to
     ids = torch.cat([torch.tensor([tok.eos_id]), tok.encode_songs(songs)])
     device = next(loaded.model.parameters()).device
     mix = loaded.mixture
-    scored = parts(loaded.model, loaded.ngram if mix else None, ids, tok.eos_id, autocast(device, dtype))
+    ngram = loaded.ngram if mix else None
+    scored = parts(loaded.model, ngram, ids, tok.eos_id, autocast(device, dtype))
     chars = count_chars(songs)
     n = ids.numel() - 1
     bpc = scored.bits(mix, song_memory, chars)
@@ -51,7 +54,9 @@ def evaluate_songs(loaded: LoadedModel, songs: list[str], source: str, dtype: to
     unknown = sum(c in lacking for s in songs for c in s) if lacking else 0
     return Metrics(tokens=n, characters=chars, loss=nats / n, perplexity=math.exp(min(nats / n, 700.0)),
                    bits_per_char=bpc, bits_per_char_base=scored.bits(mix, False, chars),
-                   bits_per_char_network=scored.bits(None, False, chars), unknown_chars=unknown,
+                   bits_per_char_network=scored.bits(None, False, chars),
+                   bits_per_char_ngram=float(-np.log2(scored.p_ngram).sum() / chars) if ngram else None,
+                   unknown_chars=unknown,
                    song_memory=song_memory and mix is not None, source=source)
 
 

@@ -148,7 +148,7 @@ def test_evaluate_reports_with_and_without_song_memory(runner, chorus_model, tmp
     result = runner.invoke(app, ["evaluate", str(held), "--model", model, "--json"])
     assert result.exit_code == 0, result.stderr
     with_memory = json.loads(result.stdout)
-    assert with_memory["song_memory"] is True
+    assert with_memory["song_memory"] is True and with_memory["bits_per_char_ngram"] > 0
     assert with_memory["bits_per_char"] < with_memory["bits_per_char_base"] <= with_memory["bits_per_char_network"] + 0.05
     result = runner.invoke(app, ["evaluate", str(held), "--model", model, "--json", "--no-song-memory"])
     without = json.loads(result.stdout)
