@@ -15,6 +15,9 @@ def test_bundled_model_is_shipped_and_small():
     assert size <= 15 * 1024 * 1024
     meta = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     assert meta["result"]["best_val_bpc"] > 0
+    # it predicts as trained models do: network, n-gram and song memory
+    assert meta["result"]["val_bpc"] < meta["result"]["val_bpc_base"] < meta["result"]["best_val_bpc"]
+    assert (directory / "ngram.safetensors").is_file() and "song_memory" in meta
 
 
 def test_sample_uses_bundled_model_when_none_trained(runner, tmp_path, monkeypatch):
