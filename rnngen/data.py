@@ -12,7 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -132,25 +132,11 @@ def _spool(item: str, encoding: str) -> str:
         except OSError as exc:
             raise CorpusError(f"cannot read {item}: {exc.strerror or exc}") from None
     fd, tmp = tempfile.mkstemp(prefix="rnngen-corpus-", suffix=".txt")
-    decoder, done, head = codecs.getincrementaldecoder(encoding)(), 0, b""
     try:
         with os.fdopen(fd, "wb") as out:
-            while True:
-                try:
-                    raw = src.read(CHUNK_BYTES)
-                except OSError as exc:
-                    raise CorpusError(f"cannot read {name}: {exc.strerror or exc}") from None
-                head = head or raw[:4096]
-                try:
-                    text = decoder.decode(raw, final=not raw)
-                except UnicodeDecodeError as exc:
-                    raise _decode_error(exc, head, encoding, name, max(0, done + exc.start - _pending(decoder))) from None
-                if "\x00" in text:
-                    raise CorpusError(f"{name} looks like a binary file (it contains NUL bytes), not text")
-                if not raw:
-                    return tmp
+            for raw, _ in _checked_pieces(src, name, encoding, CHUNK_BYTES):
                 out.write(raw)
-                done += len(raw)
+        return tmp
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise CorpusError(f"cannot copy {name} to a temporary file: {exc.strerror or exc}") from None
@@ -228,31 +214,42 @@ def iter_text(corpus: Corpus | CorpusFiles, chunk_bytes: int = 0) -> Iterator[tu
         done += read
 
 
-def _decode_file(path: Path, encoding: str, chunk_bytes: int) -> Iterator[tuple[str, int]]:
-    """_decode in pieces: an incremental decoder, the BOM dropped once, a CR held back in case an LF follows."""
+def _checked_pieces(f: BinaryIO, name: str, encoding: str, chunk_bytes: int) -> Iterator[tuple[bytes, str]]:
+    """(raw bytes, decoded text) a piece at a time, the last piece empty; decoding errors and NUL bytes
+    (a binary file) are CorpusErrors naming the byte."""
     try:
         decoder = codecs.getincrementaldecoder(encoding)()
     except LookupError:
         raise CorpusError(f"unknown --encoding {encoding!r}; try utf-8, gbk, big5 or utf-16") from None
-    name, head, read, started, carry = str(path), b"", 0, False, ""
+    head, read = b"", 0
+    while True:
+        try:
+            raw = f.read(chunk_bytes)
+        except OSError as exc:
+            raise CorpusError(f"cannot read {name}: {exc.strerror or exc}") from None
+        head = head or raw[:4096]
+        try:
+            text = decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as exc:
+            raise _decode_error(exc, head, encoding, name, max(0, read + exc.start - _pending(decoder))) from None
+        read += len(raw)
+        if "\x00" in text:
+            raise CorpusError(f"{name} looks like a binary file (it contains NUL bytes), not text")
+        yield raw, text
+        if not raw:
+            return
+
+
+def _decode_file(path: Path, encoding: str, chunk_bytes: int) -> Iterator[tuple[str, int]]:
+    """_decode in pieces: an incremental decoder, the BOM dropped once, a CR held back in case an LF follows."""
+    read, started, carry = 0, False, ""
     try:
         f = path.open("rb")
     except OSError as exc:
         raise CorpusError(f"cannot read {path}: {exc.strerror or exc}") from None
     with f:
-        while True:
-            try:
-                raw = f.read(chunk_bytes)
-            except OSError as exc:
-                raise CorpusError(f"cannot read {path}: {exc.strerror or exc}") from None
-            head = head or raw[:4096]
-            try:
-                text = decoder.decode(raw, final=not raw)
-            except UnicodeDecodeError as exc:
-                raise _decode_error(exc, head, encoding, name, max(0, read + exc.start - _pending(decoder))) from None
+        for raw, text in _checked_pieces(f, str(path), encoding, chunk_bytes):
             read += len(raw)
-            if "\x00" in text:
-                raise CorpusError(f"{name} looks like a binary file (it contains NUL bytes), not text")
             if not started and text:
                 text, started = text.removeprefix("\ufeff"), True
             text = carry + text
@@ -263,8 +260,6 @@ def _decode_file(path: Path, encoding: str, chunk_bytes: int) -> Iterator[tuple[
                 text = text.replace("\r\n", "\n").replace("\r", "\n")
             if text or not raw:  # the last piece comes even when empty: it carries the final byte count
                 yield text, read
-            if not raw:
-                return
 
 
 def _pending(decoder: codecs.IncrementalDecoder) -> int:

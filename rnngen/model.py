@@ -207,7 +207,7 @@ class _HeadLoss(torch.autograd.Function):
 @torch.no_grad()
 @torch.no_grad()
 def token_nll(model: RNNLM, ids: torch.Tensor, streams: int = 64, seq_len: int = 256, amp=None) -> torch.Tensor:
-    """The negative log-likelihood (nats) of each of ids[1:] given what precedes it, cut as sum_nll cuts."""
+    """The negative log-likelihood (nats) of each of ids[1:] given what precedes it (see sum_nll for the cutting)."""
     n = ids.numel() - 1
     out = torch.zeros(max(n, 0))
     if n < 1:
@@ -232,11 +232,10 @@ def token_nll(model: RNNLM, ids: torch.Tensor, streams: int = 64, seq_len: int =
             x = x[:, : y.size(1)]
             with amp or nullcontext():
                 hidden, state = model.rnn(model.drop(model.embedding(x.t())), state)  # (seq, batch, hidden)
-            flat, want = hidden.flatten(0, 1), y.t().flatten()
-            starts, step = _chunks(flat.size(0), model.config.vocab_size)
-            nll = torch.cat([F.cross_entropy(F.linear(flat[s : s + step].float(), model.head.weight.float(),
-                                                      model.head.bias.float()), want[s : s + step], reduction="none")
-                             for s in starts])
+                flat, want = hidden.flatten(0, 1), y.t().flatten()
+                starts, step = _chunks(flat.size(0), model.config.vocab_size)
+                nll = torch.cat([F.cross_entropy(model.head(flat[s : s + step]).float(), want[s : s + step],
+                                                 reduction="none") for s in starts])
             where = offset + idx[:, start : start + y.size(1)].t().flatten()  # each target's place in ids[1:]
             out[where] = nll.cpu()
     model.train(was_training)
@@ -251,30 +250,5 @@ def sum_nll(model: RNNLM, ids: torch.Tensor, streams: int = 64, seq_len: int = 2
     figure is a touch pessimistic next to a single pass (a few dozen restarts in a long text);
     with streams=1 it equals one pass exactly.
     """
-    n = ids.numel() - 1
-    if n < 1:
-        return 0.0, 0
-    was_training = model.training
-    model.eval()
-    rows = max(1, min(streams, n // 64))
-    cols = n // rows
-    device = next(model.parameters()).device
-    total = 0.0
-    for part in (ids[: rows * cols + 1], ids[rows * cols :]):  # the main block, then the leftover tail
-        m = part.numel() - 1
-        if m < 1:
-            continue
-        r = rows if part.numel() == rows * cols + 1 else 1
-        c = m // r
-        idx = torch.arange(r).unsqueeze(1) * c + torch.arange(c + 1)
-        block = part[idx].to(device)
-        state = None
-        for start in range(0, c, seq_len):
-            x = block[:, start : start + seq_len]
-            y = block[:, start + 1 : start + 1 + seq_len]
-            x = x[:, : y.size(1)]
-            with amp or nullcontext():
-                _, state, loss = model(x, state, y)
-            total += loss.item() * y.numel()
-    model.train(was_training)
-    return total, n
+    nll = token_nll(model, ids, streams, seq_len, amp)
+    return float(nll.double().sum()), nll.numel()

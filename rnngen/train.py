@@ -15,18 +15,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from rnngen.checkpoint import (
-    INDEX_FILE, METRICS_FILE, STAGING_DIR, TRAINER_FILE, WEIGHTS_FILE, abandon, begin, build_meta, check_out_dir, commit, locked,
-    load_trainer_state, read_config, remove_if_only_ours, save_trainer_state, save_weights, write_config,
+    INDEX_FILE, METRICS_FILE, STAGING_DIR, TRAINER_FILE, WEIGHTS_FILE, abandon, begin, build_meta, check_out_dir,
+    commit, locked, load_trainer_state, read_config, remove_if_only_ours, save_trainer_state, save_weights, write_config,
 )
+from rnngen import memory, tokens
 from rnngen.config import ModelConfig, TrainConfig
-from rnngen import tokens
 from rnngen.data import BatchStream, Corpus, CorpusFiles, Position
 from rnngen.device import autocast, pick_device, pick_dtype
 from rnngen.distributed import World, join, leave, process_rank
 from rnngen.errors import CorpusError, Diverged, ModelError, UsageError
 from rnngen.files import append_line, atomic_write
 from rnngen.model import RNNLM, sum_nll
-from rnngen import memory
 from rnngen.ngram import MAX_TOKENS as MAX_NGRAM_TOKENS, NGRAM_FILE, KneserNey
 from rnngen.novelty import MAX_INDEX_CHARS, CorpusIndex
 from rnngen.sampler import SamplingSettings, generate_ids
