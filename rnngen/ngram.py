@@ -51,27 +51,24 @@ class KneserNey:
 
     def _build(self) -> None:
         ids, V = self.ids, self.vocab_size
-        index = np.zeros(len(ids), dtype=np.int64)  # at t: the (m-1)-gram ending at t-1 (its index); 0 for m = 1
-        grams, firsts, inverses = [], [], []
         self.order = min(self.order, len(ids))  # a text shorter than the order has no longer grams
+        grams, ends, indexes = [], [], []  # per order: (keys, counts); where each m-gram first ends; position -> m-gram
         for m in range(1, self.order + 1):
             t = np.arange(m - 1, len(ids))
-            keys = (index[t - 1] if m > 1 else np.zeros(len(t), dtype=np.int64)) * V + ids[t]
-            uniq, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+            context = indexes[-1][t - 1] if m > 1 else np.zeros(len(t), dtype=np.int64)  # the (m-1)-gram before t
+            uniq, first, inverse, counts = np.unique(context * V + ids[t], return_index=True, return_inverse=True,
+                                                     return_counts=True)
             grams.append((uniq, counts))
-            firsts.append(first + m - 1)  # a position where each m-gram ends
-            inverses.append(inverse)
+            ends.append(first + m - 1)
             index = np.full(len(ids), -1, dtype=np.int64)
             index[t] = inverse
+            indexes.append(index)
         contexts = 1
         for m in range(1, self.order + 1):
             uniq, counts = grams[m - 1]
-            if m < self.order:  # lower orders count the distinct tokens seen before each m-gram (continuation)
-                upper_first = firsts[m]  # positions where each (m+1)-gram ends: its last m tokens are an m-gram
-                t0 = np.arange(m - 1, len(ids))
-                pos_to_m = np.full(len(ids), -1, dtype=np.int64)
-                pos_to_m[t0] = inverses[m - 1]
-                counts = np.bincount(pos_to_m[upper_first], minlength=len(uniq))
+            if m < self.order:  # lower orders count the distinct tokens seen before each m-gram (continuation):
+                # the m-gram that ends where each distinct (m+1)-gram ends is its suffix
+                counts = np.bincount(indexes[m - 1][ends[m]], minlength=len(uniq))
             self.levels.append(_level(uniq, counts, contexts, V))
             contexts = len(uniq)
 
@@ -125,9 +122,7 @@ class KneserNey:
                 ctx, hit = _find(self.levels[j], ctx * V + tok)
                 ok &= hit & (pos >= 0)
             ctx = np.where(ok, ctx, 0)
-            share, _ = _lookup(level, ctx * V + targets)
-            back = level.backoff[ctx]
-            p = np.where(ok, share + back * p, p)
+            p = np.where(ok, _share(level, ctx * V + targets) + level.backoff[ctx] * p, p)
             found = np.where(ok, m, found)
         return p, found
 
@@ -191,7 +186,7 @@ def _find(level: _Order, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return i, level.keys[i] == keys
 
 
-def _lookup(level: _Order, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The discounted share of each key's m-gram (0 when unseen), and whether it was seen."""
+def _share(level: _Order, keys: np.ndarray) -> np.ndarray:
+    """The discounted share of each key's m-gram (0 when unseen)."""
     i, hit = _find(level, keys)
-    return np.where(hit, level.prob[i], 0.0), hit
+    return np.where(hit, level.prob[i], 0.0)
