@@ -233,6 +233,8 @@ def _train(
         if world.main:  # a kill after the last save may have logged later validations: they will come again
             _truncate_metrics(out_dir / METRICS_FILE, step)
 
+    if resume and not new_corpus and world.main and not (out_dir / NGRAM_FILE).exists():
+        _write_ngram(out_dir, data.train, tokenizer, emit)  # a model from before n-grams: it gets one now
     if resume and new_corpus and world.main:
         unknown = int(data.counts[tokenizer.unk_id])
         emit("info", {"message": f"fine-tuning on new text: {unknown:,} of its {len(data.train):,} training tokens "

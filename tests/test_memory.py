@@ -182,3 +182,20 @@ def test_song_memory_composes_with_the_other_options(runner, chorus_model, extra
 def test_same_random_seed_same_song_with_memory(runner, chorus_model):
     args = ["sample", "--model", str(chorus_model.directory), "--random-seed", "5", "--length", "80"]
     assert runner.invoke(app, args).stdout == runner.invoke(app, args).stdout
+
+
+def test_a_model_from_before_song_memory_gets_it_when_resumed(runner, tmp_path):
+    corpus = tmp_path / "songs.txt"
+    corpus.write_text("\n\n".join(chorus_songs(40, 1)) + "\n", encoding="utf-8")
+    out = tmp_path / "m"
+    train = ["train", str(corpus), "--out", str(out), *TINY_FLAGS]
+    assert runner.invoke(app, [*train, "--max-steps", "5"]).exit_code == 0
+    (out / "ngram.safetensors").unlink()  # as an older rnngen left it
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    del config["song_memory"]
+    (out / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    assert load_model(out).mixture is None  # the network alone, as before
+    result = runner.invoke(app, ["train", str(corpus), "--out", str(out), "--resume", "--max-steps", "10", "-q"])
+    assert result.exit_code == 0, result.stderr
+    resumed = load_model(out)
+    assert resumed.mixture is not None and resumed.ngram is not None
