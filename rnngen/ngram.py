@@ -39,13 +39,12 @@ class _Order:
 class KneserNey:
     """p(token | up to ORDER-1 previous tokens), smoothed down to a uniform distribution over the vocabulary."""
 
-    def __init__(self, ids: np.ndarray, vocab_size: int, order: int = ORDER, build: bool = True):
+    def __init__(self, ids: np.ndarray, vocab_size: int, order: int = ORDER):
         self.ids = np.ascontiguousarray(ids, dtype=np.int64)
         self.vocab_size = vocab_size
         self.order = order
         self.levels: list[_Order] = []
-        if build:  # (saving needs only the ids)
-            self._build()
+        self._build()
 
     # ---- building ------------------------------------------------------------------------------
 
@@ -72,15 +71,17 @@ class KneserNey:
             self.levels.append(_level(uniq, counts, contexts, V))
             contexts = len(uniq)
 
-    # ---- saving ---------------------------------------------------------------------------------
+    # ---- the model directory's copy: the ids it is counted from ---------------------------------
 
-    def save(self, directory: Path) -> None:
+    @staticmethod
+    def save_ids(directory: Path, ids: np.ndarray, vocab_size: int, order: int = ORDER) -> None:
+        """Keep the training ids an n-gram of this order is counted from (nothing is counted now)."""
         from safetensors.torch import save
 
-        dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
-        packed = lzma.compress(self.ids.astype(dtype).tobytes(), preset=6)
+        dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+        packed = lzma.compress(np.asarray(ids).astype(dtype).tobytes(), preset=6)
         tensors = {"ids_xz": torch.frombuffer(bytearray(packed), dtype=torch.uint8)}
-        meta = {"order": str(self.order), "vocab_size": str(self.vocab_size), "dtype": np.dtype(dtype).name}
+        meta = {"order": str(order), "vocab_size": str(vocab_size), "dtype": np.dtype(dtype).name}
         atomic_write(directory / NGRAM_FILE, save(tensors, metadata=meta))
 
     @classmethod

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rnngen.checkpoint import (
     INDEX_FILE, METRICS_FILE, STAGING_DIR, TRAINER_FILE, WEIGHTS_FILE, abandon, begin, build_meta, check_out_dir,
-    commit, locked, load_trainer_state, read_config, remove_if_only_ours, save_trainer_state, save_weights, write_config,
+    commit, load_model, locked, load_trainer_state, read_config, remove_if_only_ours, save_trainer_state, save_weights, write_config,
 )
 from rnngen import memory, tokens
 from rnngen.config import ModelConfig, TrainConfig
@@ -389,7 +389,7 @@ def _train(
                       "best_val_bpc": best_bpc, "train_seconds": round(elapsed, 1)}
     if stop_reason != "interrupted" and best_loss is not None:
         emit("info", {"message": "fitting song memory on the validation songs"})
-        mix, figures = _fit_song_memory(out_dir, model, tokenizer, val_ids, val_chars_per_token, amp)
+        mix, figures = _fit_song_memory(out_dir, dev, val_ids, val_chars_per_token, amp)
         meta["song_memory"] = mix.to_dict()
         meta["result"].update(figures)
     write_config(out_dir, meta)
@@ -455,19 +455,14 @@ def _write_ngram(directory: Path, train_ids: np.ndarray, tokenizer, emit: Progre
         emit("info", {"message": f"over {MAX_NGRAM_TOKENS:,} training tokens: no n-gram is mixed in"})
         return
     ids = np.concatenate([[tokenizer.eos_id], np.asarray(train_ids, dtype=np.int64)])  # every song starts after an end
-    KneserNey(ids, tokenizer.vocab_size, build=False).save(directory)
+    KneserNey.save_ids(directory, ids, tokenizer.vocab_size)
 
 
-def _fit_song_memory(out_dir: Path, model: RNNLM, tokenizer, val_ids: torch.Tensor, chars_per_token: float, amp):
-    """Fit the mixture weights on the validation ids with the best weights; returns them and bits/char figures."""
-    from safetensors.torch import load_file
-
-    best = load_file(out_dir / WEIGHTS_FILE)
-    if model.config.tie_weights:
-        best["head.weight"] = best["embedding.weight"]
-    model.load_state_dict({k: v.to(next(model.parameters()).device) for k, v in best.items()})
-    ngram = KneserNey.load(out_dir, tokenizer.vocab_size)
-    scored = memory.parts(model, ngram, val_ids, tokenizer.eos_id, amp)
+def _fit_song_memory(out_dir: Path, device: torch.device, val_ids: torch.Tensor, chars_per_token: float, amp):
+    """Fit the mixture weights on the validation ids with the saved (best) model; returns them and bits/char figures."""
+    loaded = load_model(out_dir, device)
+    ngram = loaded.ngram
+    scored = memory.parts(loaded.model, ngram, val_ids, loaded.tokenizer.eos_id, amp)
     mix = memory.fit(scored, ngram.order if ngram else 1)
     chars = (val_ids.numel() - 1) * chars_per_token
     figures = {"val_bpc": scored.bits(mix, True, chars), "val_bpc_base": scored.bits(mix, False, chars),
