@@ -641,6 +641,40 @@ def _copy_table(loaded, corpus, as_json: bool) -> None:
     table.add_row("8-character windows found there", f"{report.copied_8gram_share:.1%}")
     _emit_table(table)
 
+# ---- plot ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def plot(
+    names: List[str] = typer.Argument(..., metavar="NAME...", help="Models whose training curves to draw (several compare runs)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write a PNG here (needs the extra: pip install 'rnngen[plot]'). Default: a text chart on the terminal."),
+) -> None:
+    """Draw training loss and validation bits/char from each model's metrics.jsonl."""
+    with _errors_to_exit():
+        from rnngen.checkpoint import resolve_model
+        from rnngen.plot import plot_runs
+
+        text = plot_runs([resolve_model(n) for n in names], out)
+        if text:
+            _emit(text)
+
+
+# ---- serve --------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="Model to serve (repeat for several). Default: the most recently trained, else the bundled one."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on every request."),
+) -> None:
+    """Serve models over an OpenAI-compatible HTTP API (/v1/completions) with a web page at /."""
+    with _errors_to_exit():
+        from rnngen.server import run
+
+        raise typer.Exit(run(model or [], host=host, port=port, api_key=api_key))
+
 
 def main() -> None:
     app()
