@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from rnngen.checkpoint import LoadedModel, bundled_dir, load_model
+from rnngen.checkpoint import LoadedModel, load_model
+from rnngen.home import bundled_dir
 from rnngen.config import ModelConfig, TrainConfig
 from rnngen.device import cpu_has_fast_bf16
 from rnngen.model import RNNLM

@@ -22,17 +22,11 @@ from rnngen.errors import ModelError, UsageError
 from rnngen.files import atomic_write, fsync_dir
 from rnngen.memory import Mixture
 from rnngen.model import RNNLM
-from rnngen.ngram import NGRAM_FILE, KneserNey
-from rnngen.tokenizer import CHAR_FILE, SPM_FILE, Tokenizer, load_tokenizer
-from rnngen.tokens import TOKENS_DIR, is_cache_file
-
-FORMAT_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE, METRICS_FILE = "config.json", "model.safetensors", "trainer.pt", "metrics.jsonl"
-INDEX_FILE = "novelty.safetensors"  # the copy-check index (novelty.py)
-LOCK_FILE = "train.lock"
-STAGING_DIR, COMPLETE_MARK = ".rnngen-new", "complete.json"  # a fresh run's files until its first save
-MODEL_FILES = (CONFIG_FILE, CHAR_FILE, SPM_FILE, WEIGHTS_FILE, TRAINER_FILE, METRICS_FILE, INDEX_FILE, NGRAM_FILE)
-BUNDLED_NAME = "songci"
+from rnngen.layout import (COMPLETE_MARK, CONFIG_FILE, FORMAT_VERSION, LOCK_FILE, METRICS_FILE, MODEL_FILES,
+                           STAGING_DIR, TOKENS_DIR, TRAINER_FILE, WEIGHTS_FILE)
+from rnngen.ngram import KneserNey
+from rnngen.tokenizer import Tokenizer, load_tokenizer
+from rnngen.tokens import is_cache_file
 
 
 @dataclass
@@ -364,57 +358,4 @@ def _dtype_name(code: str) -> str:
         if code.startswith(short) and code[len(short):][:1].isdigit():
             return name + code[len(short):]
     return code
-
-
-# ---- finding a model by name -----------------------------------------------------------------
-
-
-def bundled_dir() -> Path | None:
-    """The pretrained model shipped with the package (top-level models/ in the source tree)."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("rnngen.bundled")
-    except ModuleNotFoundError:
-        spec = None
-    roots = list(spec.submodule_search_locations or []) if spec else []
-    roots.append(str(Path(__file__).resolve().parent.parent / "models"))  # running from a checkout
-    for root in roots:
-        candidate = Path(root) / BUNDLED_NAME
-        if (candidate / CONFIG_FILE).is_file():
-            return candidate
-    return None
-
-
-def list_models(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return [p for p in root.iterdir() if (p / CONFIG_FILE).is_file()]
-
-
-def resolve_model(spec: str | None, root: Path = Path("models")) -> Path:
-    """A path, a name under `root`, or (None) the most recently trained model, else the bundled one."""
-    if spec is None:
-        found = [p for p in list_models(root) if (p / WEIGHTS_FILE).is_file()]
-        if found:
-            return max(found, key=lambda p: (p / WEIGHTS_FILE).stat().st_mtime)
-        bundled = bundled_dir()
-        if bundled is None:
-            raise ModelError("no trained model found in models/ and no bundled model; run 'rnngen train FILE' first")
-        return bundled
-    path = Path(spec).expanduser()
-    if os.sep in spec or "/" in spec or spec.startswith("."):
-        if (path / CONFIG_FILE).is_file() or path.is_dir():
-            return path  # an explicit path: the user chose where to read
-        raise ModelError(f"no model directory at {spec}")
-    candidate = (root / spec).resolve()
-    if candidate.parent != root.resolve():
-        raise ModelError(f"{spec!r} is not a valid model name")
-    if candidate.is_dir():
-        return candidate
-    bundled = bundled_dir()
-    if spec == BUNDLED_NAME and bundled is not None:
-        return bundled
-    names = sorted(p.name for p in list_models(root)) + ([BUNDLED_NAME] if bundled else [])
-    known = f" (available: {', '.join(names)})" if names else ""
-    raise ModelError(f"no model named {spec!r} in {root}/{known}; run 'rnngen train FILE' first")
+from rnngen.home import resolve_model  # TEMPORARY re-export while helpers work; remove

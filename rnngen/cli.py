@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import json
 import os
 import re
@@ -15,7 +16,8 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from enum import Enum
+from typing import Annotated, Iterator, List, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -26,10 +28,31 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from rnngen import __version__
-from rnngen.config import ModelConfig, TrainConfig, check_range
-from rnngen.errors import Interrupted, ModelError, RnngenError, UsageError
+from rnngen.config import (DEFAULT_LENGTH, DEVICES, LR_SCHEDULES, PRECISIONS, RNN_TYPES, SHAPED_LENGTH, SPM_MODEL_TYPES,
+                           TOKENIZERS, ModelConfig, SamplingSettings, TrainConfig, check_range)
+from rnngen.errors import Interrupted, RnngenError, UsageError
 
-_T, _M = TrainConfig(), ModelConfig(vocab_size=0)  # the defaults, defined once in config.py
+_T, _M, _S = TrainConfig(), ModelConfig(), SamplingSettings()  # the defaults, defined once in config.py
+
+
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """An Enum of `values`: --help shows [a|b|c] and shell completion offers them."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+Cell, TokenizerKind, SpmType = _choices("Cell", RNN_TYPES), _choices("TokenizerKind", TOKENIZERS), _choices("SpmType", SPM_MODEL_TYPES)
+Schedule, Device, Precision = _choices("Schedule", LR_SCHEDULES), _choices("Device", DEVICES), _choices("Precision", PRECISIONS)
+
+# options several commands share: one default and one help text
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="A model's name in the model home (see 'rnngen models'), 'songci' (bundled), or a directory path. "
+                          "Default: the most recently trained, else the bundled one.")]
+DeviceOption = Annotated[Device, typer.Option(
+    "--device", help="auto (a CUDA or MPS GPU when there is one, else the CPU), cpu, cuda or mps.")]
+PrecisionOption = Annotated[Precision, typer.Option(
+    "--precision", help="auto (bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32), fp32, bf16 or fp16 (GPUs).")]
+ThreadsOption = Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: torch's default).")]
+EncodingOption = Annotated[str, typer.Option("--encoding", help="Text encoding of the input files, e.g. utf-8, gbk, big5, utf-16.")]
 
 
 class _OneLineErrors(TyperGroup):
@@ -55,7 +78,7 @@ app = typer.Typer(
     cls=_OneLineErrors,
     help="Train recurrent-network language models on lyrics (or any UTF-8 text) and generate from them.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -118,16 +141,16 @@ def _set_threads(threads: int) -> None:
 @app.command()
 def train(
     corpus: List[str] = typer.Argument(..., metavar="CORPUS", help="Text files, directories (their *.txt), or - for stdin."),
-    name: Optional[str] = typer.Option(None, "--name", help="Model name: saved to models/NAME. Default: the corpus file's name."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Model directory to write (instead of models/NAME)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name: saved as NAME in the model home ($RNNGEN_HOME, else the per-user data directory; see 'rnngen models'). Default: the corpus file's name."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Model directory to write, anywhere (instead of NAME in the model home)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in the model directory exactly where it stopped."),
     fine_tune: bool = typer.Option(False, "--fine-tune", help="With --resume: continue on a different corpus on purpose (the vocabulary stays; characters it lacks read as unknown)."),
     force: bool = typer.Option(False, "--force", help="Start over even if the model directory already holds a model."),
-    encoding: str = typer.Option("utf-8", "--encoding", help="Text encoding of the corpus, e.g. gbk, big5, utf-16."),
-    tokenizer: str = typer.Option(_T.tokenizer, "--tokenizer", help="char: one Unicode character per token; spm: SentencePiece subwords."),
+    encoding: EncodingOption = "utf-8",
+    tokenizer: TokenizerKind = typer.Option(_T.tokenizer, "--tokenizer", help="char: one Unicode character per token; spm: SentencePiece subwords."),
     vocab_size: int = typer.Option(_T.vocab_size, "--vocab-size", help="spm only: number of subword pieces."),
-    spm_model_type: str = typer.Option(_T.spm_model_type, "--spm-model-type", help="spm only: bpe or unigram."),
-    rnn_type: str = typer.Option(_M.rnn_type, "--rnn-type", "--cell", help="Recurrent cell: lstm, gru or rnn (tanh). Always unidirectional: a bidirectional RNN sees the future and cannot generate left to right."),
+    spm_model_type: SpmType = typer.Option(_T.spm_model_type, "--spm-model-type", help="spm only: the SentencePiece algorithm."),
+    rnn_type: Cell = typer.Option(_M.rnn_type, "--rnn-type", "--cell", help="Recurrent cell: lstm, gru or rnn (tanh). Always unidirectional: a bidirectional RNN sees the future and cannot generate left to right."),
     layers: int = typer.Option(_M.num_layers, "--layers", help="Number of stacked recurrent layers."),
     hidden_size: int = typer.Option(_M.hidden_size, "--hidden-size", help="Units per recurrent layer."),
     embedding_dim: int = typer.Option(_M.embedding_dim, "--embedding-dim", help="Size of the token embedding."),
@@ -138,7 +161,7 @@ def train(
     lr: float = typer.Option(_T.lr, "--lr", help="Peak learning rate (AdamW)."),
     weight_decay: float = typer.Option(_T.weight_decay, "--weight-decay", help="AdamW weight decay on weight matrices."),
     warmup_steps: int = typer.Option(_T.warmup_steps, "--warmup-steps", help="Steps of linear learning-rate warm-up."),
-    lr_schedule: str = typer.Option(_T.lr_schedule, "--lr-schedule", help="wsd (hold the peak, then a cosine decay over the last 25% of the step/epoch/time budget), cosine (decay over the whole budget), plateau (halve when validation stalls) or constant."),
+    lr_schedule: Schedule = typer.Option(_T.lr_schedule, "--lr-schedule", help="wsd (hold the peak, then a cosine decay over the last 25% of the step/epoch/time budget), cosine (decay over the whole budget), plateau (halve when validation stalls) or constant."),
     grad_clip: float = typer.Option(_T.grad_clip, "--grad-clip", help="Clip the global gradient norm to this."),
     val_fraction: float = typer.Option(_T.val_fraction, "--val-fraction", help="Share of songs held out for validation (0 for none)."),
     eval_every: int = typer.Option(_T.eval_every, "--eval-every", help="Validate (and checkpoint) every N steps."),
@@ -147,39 +170,30 @@ def train(
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Stop after N passes over the training text."),
     time_limit: Optional[str] = typer.Option(None, "--time-limit", help=f"Stop after this much training time: 600, 90s, 10m, 1h; 0 for none. [default: {_T.time_limit:.0f}s]"),
     seed: int = typer.Option(_T.seed, "--seed", help="Random seed: the same seed and settings repeat a run."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the CPU has AMX/AVX512-BF16, or on GPU), fp32, bf16 or fp16 (GPU)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
+    precision: PrecisionOption = Precision.auto,
+    device: DeviceOption = Device.auto,
+    threads: ThreadsOption = 0,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or previews on stderr."),
 ) -> None:
-    """Train a model on CORPUS and save it to models/NAME (prints that directory)."""
+    """Train a model on CORPUS and save it in the model home as NAME (prints its directory)."""
     with _errors_to_exit():
-        overrides = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "patience": patience,
-                                       "time_limit": _seconds(time_limit)}.items() if v is not None}
-        overrides = {k: (v or None) if k != "patience" else v for k, v in overrides.items()}  # 0 = no limit
-        config = TrainConfig(
-            tokenizer=tokenizer, vocab_size=vocab_size, spm_model_type=spm_model_type, batch_size=batch_size,
-            seq_len=seq_len, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
-            grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every, seed=seed, precision=precision,
-            **overrides,
+        budget = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "patience": patience,
+                                    "time_limit": _seconds(time_limit)}.items() if v is not None}
+        budget = {k: (v or None) if k != "patience" else v for k, v in budget.items()}  # 0 = no limit
+        training = TrainConfig(
+            tokenizer=tokenizer.value, vocab_size=vocab_size, spm_model_type=spm_model_type.value,
+            batch_size=batch_size, seq_len=seq_len, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+            lr_schedule=lr_schedule.value, grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every,
+            seed=seed, precision=precision.value, **budget,
         )
-        model_options = {"rnn_type": rnn_type, "num_layers": layers, "hidden_size": hidden_size,
-                         "embedding_dim": embedding_dim, "dropout": dropout, "tie_weights": tie_weights}
-        config.validate()
-        ModelConfig(vocab_size=1, **model_options).validate()  # the vocabulary is known only after tokenizing
+        network = ModelConfig(rnn_type=rnn_type.value, num_layers=layers, hidden_size=hidden_size,
+                              embedding_dim=embedding_dim, dropout=dropout, tie_weights=tie_weights)
         _set_threads(threads)
 
-        from rnngen.data import open_corpus
-        from rnngen.train import train as run_training
-
-        resume = resume or fine_tune
-        out_dir = _model_dir(corpus, name, out)
-        from rnngen.checkpoint import check_out_dir
-
-        check_out_dir(out_dir, resume, force)  # before reading a big corpus (train() checks again, locked)
-
+        from rnngen.api import model_dir, run_training
         from rnngen.distributed import process_rank
 
+        out_dir = model_dir(corpus, name, out)
         main = process_rank() == 0  # under torchrun, only rank 0 talks
         stop = _StopFlag(announce=main)
 
@@ -189,11 +203,10 @@ def train(
             display.update(kind, info)
 
         try:
-            with TrainDisplay(enabled=main and not quiet) as display, stop.installed(), \
-                    open_corpus(corpus, encoding) as text:  # files stay on disk: training streams them
-                result = run_training(text, out_dir, model_options, config, resume=resume, force=force,
-                                      fine_tune=fine_tune, budget_overrides=overrides, device=device,
-                                      on_progress=progress, should_stop=stop)
+            with TrainDisplay(enabled=main and not quiet) as display, stop.installed():
+                result = run_training(corpus, out_dir, model=network, training=training, budget=budget,
+                                      resume=resume, fine_tune=fine_tune, force=force, encoding=encoding,
+                                      device=device.value, on_progress=progress, should_stop=stop)
         except Interrupted as exc:
             if main:
                 _err("Interrupted before training started; nothing was saved.")
@@ -208,19 +221,11 @@ def train(
         bpc = f", best validation {result.best_val_bpc:.3f} bits/char" if result.best_val_bpc is not None else ""
         if result.val_bpc is not None:
             bpc += f" ({result.val_bpc:.3f} with n-gram and song memory, {result.val_bpc_base:.3f} without song memory)"
-        try_it = _command_line(["rnngen", "sample", "--model", _model_arg(out_dir)])
+        from rnngen.home import display_name
+
+        try_it = _command_line(["rnngen", "sample", "--model", display_name(out_dir)])
         _err(f"Done: {result.stop_reason} after {result.steps} steps{bpc}. Try: {try_it}")
         _emit(f"{out_dir}\n")  # the model is saved: a closed pipe here still exits 0
-
-
-def _model_arg(directory: Path) -> str:
-    """How to give DIRECTORY to --model: NAME for models/NAME, else a path resolve_model reads as one."""
-    if directory.parent == Path("models"):
-        return directory.name
-    text = str(directory)
-    if directory.is_absolute() or text.startswith("."):
-        return text
-    return os.curdir + os.sep + text  # 'base' alone would be looked up as models/base
 
 
 def _command_line(args: list[str]) -> str:
@@ -232,29 +237,6 @@ def _command_line(args: list[str]) -> str:
     import shlex
 
     return shlex.join(args)
-
-
-def _default_name(first: str) -> str:
-    """A valid model name from the corpus file's name: 'my songs.txt' -> 'my_songs', '歌词.txt' -> '歌词'."""
-    if first == "-":
-        return "stdin"
-    path = Path(first)
-    for raw in (path.stem, path.resolve().name):  # '.', '..': the directory's own name
-        # spaces, shell characters and undecodable bytes (surrogates) become '_'; no hidden directories
-        name = re.sub(r"[^\w.\-]", "_", raw).lstrip(".")
-        if name:
-            return name
-    return "model"
-
-
-def _model_dir(corpus: list[str], name: Optional[str], out: Optional[Path]) -> Path:
-    if out is not None:
-        return out
-    if name is None:
-        name = _default_name(corpus[0] if corpus else "-")
-    if not re.fullmatch(r"[\w.\-]+", name) or name in (".", ".."):
-        raise typer.BadParameter(f"{name!r}: use letters, digits, '.', '_' and '-' (or --out for a path)", param_hint="--name")
-    return Path("models") / name
 
 
 class _StopFlag:
@@ -383,12 +365,12 @@ class TrainDisplay:
 
 @app.command()
 def sample(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or a name under models/. Default: the most recently trained, else the bundled one."),
+    model: ModelOption = None,
     seed: str = typer.Option("", "--seed", "-s", help="Text to continue (printed first). Default: start a new song."),
-    length: Optional[int] = typer.Option(None, "--length", "-n", help="Characters to generate after the seed. [default: 200; with --lines, --songs or --acrostic: no limit but 20000]"),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", help="Below 1: safer, above 1: wilder; 0: always the likeliest (greedy)."),
-    top_k: int = typer.Option(0, "--top-k", help="Sample only from the k likeliest tokens (0: no limit)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Sample only from the likeliest tokens whose probabilities add up to p (1: no limit)."),
+    length: Optional[int] = typer.Option(None, "--length", "-n", help=f"Characters to generate after the seed. [default: {DEFAULT_LENGTH}; with --lines, --songs or --acrostic: no limit but {SHAPED_LENGTH}]"),
+    temperature: float = typer.Option(_S.temperature, "--temperature", "-t", help="Below 1: safer, above 1: wilder; 0: always the likeliest (greedy)."),
+    top_k: int = typer.Option(_S.top_k, "--top-k", help="Sample only from the k likeliest tokens (0: no limit)."),
+    top_p: float = typer.Option(_S.top_p, "--top-p", help="Sample only from the likeliest tokens whose probabilities add up to p (1: no limit)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Number of samples, generated together in one batch."),
     random_seed: Optional[int] = typer.Option(None, "--random-seed", help="Seed for the sampler: the same seed gives the same text. Default: random."),
     stop_at_end: bool = typer.Option(False, "--stop-at-end", help="End a sample when the model ends the song (it may then be shorter than --length)."),
@@ -401,69 +383,50 @@ def sample(
     max_copy: Optional[int] = typer.Option(None, "--max-copy", help="Never write a run of more than K characters found verbatim in the training text: a token that would make one is struck out and another drawn."),
     no_song_memory: bool = typer.Option(False, "--no-song-memory", help="Do not let a song draw on its own earlier text (by default a chorus can come back, as in real songs)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per sample (text, settings, seeds, and how much of it is copied from the training text: longest_copy, copied_8gram_share) instead of plain text."),
-    interactive: bool = typer.Option(False, "--interactive", "-i", help="Ask for seeds on the terminal, one per line, and answer each with lyrics; the model stays loaded. Ctrl-C stops a sample, Ctrl-D quits."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, auto, bf16 (CPUs with AMX/AVX512-BF16, GPUs) or fp16 (GPUs)."),
-    device: str = typer.Option("cpu", "--device", help="cpu (fastest for one stream), auto, cuda or mps."),
-    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Ask for seeds on the terminal, one per line, and answer each with lyrics; the model stays loaded. Each answer draws fresh randomness (with --random-seed S, answer k uses S + k). Ctrl-C stops a sample, Ctrl-D quits."),
+    precision: PrecisionOption = Precision.auto,
+    device: DeviceOption = Device.auto,
+    threads: ThreadsOption = 0,
 ) -> None:
     """Continue --seed with generated text, streamed to stdout."""
     with _errors_to_exit():
         _set_threads(threads)
-        from rnngen.constraints import Structure, parse_line_lengths
-        from rnngen.sample import SampleRequest, generate
-        from rnngen.sampler import SamplingSettings
+        from rnngen.sample import make_request
 
-        structure = Structure(lines=lines, line_lengths=parse_line_lengths(line_length), acrostic=acrostic,
-                              rhyme=rhyme, repetition_penalty=repetition_penalty)
-        if length is None:
-            length = 20_000 if (structure.shapes_lines or songs) else 200
-        request = SampleRequest(
-            seed_text=seed, length=length, settings=SamplingSettings(temperature, top_k, top_p),
-            num_samples=num_samples, random_seed=random_seed, stop_at_end=stop_at_end, songs=songs,
-            structure=structure, max_copy=max_copy, song_memory=not no_song_memory,
-        )
-        if length < 1 or num_samples < 1 or max_copy is not None:
-            request.validate(1 << 30)  # fail before loading the model
-        from rnngen.device import autocast, pick_dtype
-        from rnngen.novelty import CorpusIndex
-
-        loaded = _load(model, device)
-        dev = next(loaded.model.parameters()).device
-        dtype = pick_dtype(precision, dev)
-        index = CorpusIndex.load(loaded.directory) if (max_copy is not None or as_json) else None
+        request = make_request(  # checked before the model loads
+            seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
+            random_seed=random_seed, stop_at_end=stop_at_end, songs=songs, lines=lines, line_length=line_length,
+            acrostic=acrostic, rhyme=rhyme, repetition_penalty=repetition_penalty, max_copy=max_copy,
+            song_memory=not no_song_memory)
+        loaded = _load(model, device, precision)
         if interactive:
-            _interactive(loaded, request, index, as_json, autocast(dev, dtype))
+            _interactive(loaded, request, as_json)
             return
-        request.validate(loaded.tokenizer.vocab_size)
-        _warn_unknown(loaded, seed)
-        with autocast(dev, dtype):
-            _write_samples(generate(loaded, request, index), request, loaded, as_json, index)
-        _warn_dead_ends(request)
+        _sample_once(loaded, request, as_json)
 
 
-def _warn_unknown(loaded, seed: str) -> None:
-    lacking = loaded.tokenizer.missing(seed)
+def _sample_once(model, request, as_json: bool) -> None:
+    request.validate(model.vocab_size)
+    lacking = model.unknown_chars(request.seed_text)
     if lacking:
-        shown = "".join(sorted(lacking))[:20]
-        _err(f"Warning: the model has never seen {shown!r}; it reads them as unknown")
-
-
-def _warn_dead_ends(request) -> None:
+        _err(f"Warning: the model has never seen {''.join(sorted(lacking))[:20]!r}; it reads them as unknown")
+    _write_samples(model, request, as_json)
     if request.dead_ends:
         _err(f"Warning: {request.dead_ends} time(s) the line structure left only characters that continue a copy "
              f"longer than --max-copy {request.max_copy}; the structure won (see longest_copy in --json)")
 
 
-def _interactive(loaded, request, index, as_json: bool, amp) -> None:
-    """A prompt loop: each line typed is a seed; the same options answer every one."""
+def _interactive(model, request, as_json: bool) -> None:
+    """A prompt loop: each line typed is a seed; the same options answer every one, each with fresh randomness."""
     import dataclasses
 
-    from rnngen.errors import RnngenError
-    from rnngen.sample import generate
-
+    try:  # line editing and history where the platform has readline
+        import readline  # noqa: F401
+    except ImportError:
+        pass
     _emit("")  # a closed stdout fails here, in one line, rather than in input()
     _err("Type a seed and press Enter (an empty line starts a new song). Ctrl-C stops a sample, Ctrl-D quits.")
-    while True:
+    for k in itertools.count():
         sys.stderr.write("seed> ")  # the prompt is not product: stdout stays clean for pipes
         sys.stderr.flush()
         try:
@@ -471,27 +434,24 @@ def _interactive(loaded, request, index, as_json: bool, amp) -> None:
         except (EOFError, KeyboardInterrupt):
             _err("")
             return
-        one = dataclasses.replace(request, seed_text=line.strip(), structure=dataclasses.replace(request.structure))
+        seed = None if request.random_seed is None else (request.random_seed + k) % 2**63
+        one = dataclasses.replace(request, seed_text=line.strip(), random_seed=seed,
+                                  structure=dataclasses.replace(request.structure))
         try:
-            one.validate(loaded.tokenizer.vocab_size)
-            _warn_unknown(loaded, one.seed_text)
-            with amp:
-                _write_samples(generate(loaded, one, index), one, loaded, as_json, index)
-            _warn_dead_ends(one)
+            _sample_once(model, one, as_json)
         except RnngenError as exc:  # a bad seed is answered, not fatal
             _err(f"Error: {exc}")
         except KeyboardInterrupt:
             _emit("\n")
 
 
-def _write_samples(pieces, request, loaded, as_json: bool, index=None) -> None:
+def _write_samples(model, request, as_json: bool) -> None:
+    pieces = model.samples(request)
     if request.num_samples == 1 and not as_json:
         for _, text in pieces:  # stream as tokens are made
             _emit(text)
         _emit("\n")
         return
-    from rnngen.novelty import copy_report
-
     texts = [""] * request.num_samples
     for i, text in pieces:
         texts[i] += text
@@ -500,9 +460,9 @@ def _write_samples(pieces, request, loaded, as_json: bool, index=None) -> None:
             s = request.settings
             record = {"text": text, "index": i, "seed": request.seed_text, "random_seed": request.random_seed,
                       "length": request.length, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
-                      "max_copy": request.max_copy, "model": str(loaded.directory)}
-            if index is not None:  # how much of the sample occurs verbatim in the training text
-                record.update(copy_report(index, text).to_dict())
+                      "max_copy": request.max_copy, "model": str(model.directory)}
+            if model.index is not None:  # how much of the sample occurs verbatim in the training text
+                record.update(model.copy_report(text).to_dict())
             else:
                 record.update(longest_copy=None, longest_copy_text=None, copied_8gram_share=None)
             _emit(json.dumps(record, ensure_ascii=False) + "\n")
@@ -554,12 +514,10 @@ def _quiet_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
 
 
-def _load(model: Optional[str], device: str):
-    from rnngen.checkpoint import load_model, resolve_model
-    from rnngen.device import pick_device
+def _load(model: Optional[str], device: Device, precision: Precision):
+    from rnngen.api import load
 
-    dev = pick_device(device)
-    return load_model(resolve_model(model), dev)
+    return load(model, device.value, precision.value)
 
 
 # ---- evaluate ---------------------------------------------------------------------------------
@@ -568,78 +526,71 @@ def _load(model: Optional[str], device: str):
 @app.command()
 def evaluate(
     files: Optional[List[str]] = typer.Argument(None, metavar="[FILE...]", help="Text to score (files, directories, or - for stdin). Default: the model's own validation split."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory or a name under models/. Default: the most recently trained, else the bundled one."),
-    encoding: str = typer.Option("utf-8", "--encoding", help="Text encoding of FILE."),
+    model: ModelOption = None,
+    encoding: EncodingOption = "utf-8",
     samples: Optional[str] = typer.Option(None, "--samples", help="Instead of the loss: how much of this text (a file, or - for stdin) is copied from the model's training text, as the longest verbatim run and the share of 8-character windows found there."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     no_song_memory: bool = typer.Option(False, "--no-song-memory", help="Score without song memory (each song's own earlier text): bits_per_char then equals bits_per_char_base."),
-    precision: str = typer.Option("fp32", "--precision", help="auto, fp32, bf16 or fp16 (GPU)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or mps."),
-    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
+    precision: PrecisionOption = Precision.auto,
+    device: DeviceOption = Device.auto,
+    threads: ThreadsOption = 0,
 ) -> None:
     """Report held-out loss (nats/token), perplexity and bits per character: as the model predicts
     (network, n-gram and song memory), without song memory (base), and of the network alone."""
     with _errors_to_exit():
         _set_threads(threads)
-        from rnngen.data import read_corpus
-        from rnngen.device import pick_dtype
-        from rnngen.evaluate import evaluate_corpus, evaluate_validation
-
         if samples is not None and files:
             raise UsageError("give either FILE (to measure the loss) or --samples (to measure copying), not both")
-        loaded = _load(model, device)
+        loaded = _load(model, device, precision)
         if samples is not None:
-            _copy_table(loaded, read_corpus([samples], encoding), as_json)
+            from rnngen.data import read_corpus
+
+            corpus = read_corpus([samples], encoding)
+            _copy_table(loaded, ", ".join(corpus.sources), corpus.text, as_json)
             return
-        dtype = pick_dtype(precision, next(loaded.model.parameters()).device)
         if files:
-            metrics = evaluate_corpus(loaded, read_corpus(files, encoding), dtype, not no_song_memory)
+            metrics = loaded.score_files(files, encoding, song_memory=not no_song_memory)
         else:
-            metrics = evaluate_validation(loaded, dtype, not no_song_memory)
+            metrics = loaded.score_validation(song_memory=not no_song_memory)
         if as_json:
             _emit(json.dumps({**metrics.to_dict(), "model": str(loaded.directory)}, ensure_ascii=False) + "\n")
             return
-        from rich.table import Table
-
-        table = Table(title=f"{loaded.directory.name}: {metrics.source}", title_justify="left")
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for label, value in (("tokens", f"{metrics.tokens:,}"), ("characters", f"{metrics.characters:,}"),
-                             ("loss (nats/token)", f"{metrics.loss:.4f}"), ("perplexity", f"{metrics.perplexity:.2f}"),
-                             ("bits per character" + (" (with song memory)" if metrics.song_memory else ""),
-                              f"{metrics.bits_per_char:.4f}"),
-                             ("bits per character without song memory", f"{metrics.bits_per_char_base:.4f}"),
-                             ("bits per character, network alone", f"{metrics.bits_per_char_network:.4f}"),
-                             ("bits per character, n-gram alone",
-                              "-" if metrics.bits_per_char_ngram is None else f"{metrics.bits_per_char_ngram:.4f}"),
-                             ("unknown characters", f"{metrics.unknown_chars:,}")):
-            table.add_row(label, value)
-        _emit_table(table)
+        rows = (("tokens", f"{metrics.tokens:,}"), ("characters", f"{metrics.characters:,}"),
+                ("loss (nats/token)", f"{metrics.loss:.4f}"), ("perplexity", f"{metrics.perplexity:.2f}"),
+                ("bits per character" + (" (with song memory)" if metrics.song_memory else ""),
+                 f"{metrics.bits_per_char:.4f}"),
+                ("bits per character without song memory", f"{metrics.bits_per_char_base:.4f}"),
+                ("bits per character, network alone", f"{metrics.bits_per_char_network:.4f}"),
+                ("bits per character, n-gram alone",
+                 "-" if metrics.bits_per_char_ngram is None else f"{metrics.bits_per_char_ngram:.4f}"),
+                ("unknown characters", f"{metrics.unknown_chars:,}"))
+        _emit_table(_table(f"{loaded.name}: {metrics.source}", rows))
 
 
-def _copy_table(loaded, corpus, as_json: bool) -> None:
-    from rnngen.novelty import CorpusIndex, copy_report
+def _table(title: str, rows) -> "Table":
+    """A two-column metric/value table."""
+    from rich.table import Table
 
-    index = CorpusIndex.load(loaded.directory)
-    if index is None:
-        raise ModelError(f"{loaded.directory} has no copy-check index (novelty.safetensors) to compare with; "
-                         "models trained by this version of rnngen have one")
-    report = copy_report(index, corpus.text)
-    record = {"source": ", ".join(corpus.sources), "characters": len(corpus.text), **report.to_dict(),
-              "model": str(loaded.directory)}
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+def _copy_table(model, source: str, text: str, as_json: bool) -> None:
+    report = model.copy_report(text)
+    record = {"source": source, "characters": len(text), **report.to_dict(), "model": str(model.directory)}
     if as_json:
         _emit(json.dumps(record, ensure_ascii=False) + "\n")
         return
-    from rich.table import Table
+    _emit_table(_table(f"{model.name}: copying in {source}", (
+        ("characters", f"{len(text):,}"),
+        ("longest run found in the training text", f"{report.longest_copy:,} characters"),
+        ("that run", repr(report.longest_copy_text)),
+        ("8-character windows found there", f"{report.copied_8gram_share:.1%}"))))
 
-    table = Table(title=f"{loaded.directory.name}: copying in {record['source']}", title_justify="left")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("characters", f"{record['characters']:,}")
-    table.add_row("longest run found in the training text", f"{report.longest_copy:,} characters")
-    table.add_row("that run", repr(report.longest_copy_text))
-    table.add_row("8-character windows found there", f"{report.copied_8gram_share:.1%}")
-    _emit_table(table)
 
 # ---- plot ---------------------------------------------------------------------------------------
 
@@ -651,7 +602,7 @@ def plot(
 ) -> None:
     """Draw training loss and validation bits/char from each model's metrics.jsonl."""
     with _errors_to_exit():
-        from rnngen.checkpoint import resolve_model
+        from rnngen.home import resolve_model
         from rnngen.plot import plot_runs
 
         text = plot_runs([resolve_model(n) for n in names], out)

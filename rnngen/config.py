@@ -13,6 +13,8 @@ RNN_TYPES = ("lstm", "gru", "rnn")
 TOKENIZERS = ("char", "spm")
 SPM_MODEL_TYPES = ("bpe", "unigram")
 LR_SCHEDULES = ("wsd", "cosine", "plateau", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # upper limits: far beyond any useful run, low enough that nothing overflows or allocates absurdly
 MAX_VOCAB = 2**21  # tokens: more than there are Unicode code points
@@ -26,8 +28,19 @@ MAX_SEED = 2**32 - 1  # the batch order seeds torch with seed * 1_000_003 + epoc
 
 
 @dataclass
+class SamplingSettings:
+    temperature: float = 0.8  # < 1 is more conservative, 0 is greedy (always the likeliest token); finite
+    top_k: int = 0  # keep only the k likeliest tokens (0 = all)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = all)
+
+
+DEFAULT_LENGTH = 200  # characters sampled, when nothing else ends the sample
+SHAPED_LENGTH = 20_000  # the cap when lines, songs or an acrostic end the sample
+
+
+@dataclass
 class ModelConfig:
-    vocab_size: int
+    vocab_size: int = 0  # set from the tokenizer when training starts
     rnn_type: str = "lstm"  # lstm | gru | rnn (tanh); unidirectional, so it can generate
     num_layers: int = 2
     hidden_size: int = 512

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import torch
 
+from rnngen.config import DEVICES, PRECISIONS
 from rnngen.errors import UsageError
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -22,8 +22,8 @@ import torch
 
 from rnngen.errors import ModelError
 from rnngen.files import atomic_write
+from rnngen.layout import NGRAM_FILE
 
-NGRAM_FILE = "ngram.safetensors"
 ORDER = 5  # n-gram length: 4 tokens of context
 MAX_TOKENS = 5_000_000  # larger corpora get no n-gram: counting it on every load would take seconds
 

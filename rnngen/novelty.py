@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rnngen.checkpoint import INDEX_FILE
+from rnngen.layout import INDEX_FILE
 from rnngen.errors import ModelError
 from rnngen.files import atomic_write
 from rnngen.tokenizer import codepoints

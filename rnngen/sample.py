@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
 from rnngen.checkpoint import LoadedModel
-from rnngen.config import MAX_VOCAB, check_range
-from rnngen.constraints import LyricsConstraint, Structure
+from rnngen.config import DEFAULT_LENGTH, MAX_VOCAB, SHAPED_LENGTH, SamplingSettings, check_range
+from rnngen.constraints import LyricsConstraint, Structure, parse_line_lengths
 from rnngen.errors import UsageError
 from rnngen.memory import Mixer
 from rnngen.novelty import DEPTH, CopyGuard, CorpusIndex, token_pieces
-from rnngen.sampler import SamplingSettings, generate_ids
+from rnngen.sampler import generate_ids
 
 
 MAX_SAMPLES = 10_000  # streams in one batch; more would only exhaust memory
@@ -55,6 +55,46 @@ class SampleRequest:
         self.structure.validate()
         if self.structure.acrostic and self.seed_text:
             raise UsageError("--acrostic chooses how the song starts; leave out --seed")
+
+
+def make_request(
+    seed: str = "",
+    *,
+    length: int | None = None,
+    temperature: float = SamplingSettings.temperature,
+    top_k: int = SamplingSettings.top_k,
+    top_p: float = SamplingSettings.top_p,
+    num_samples: int = 1,
+    random_seed: int | None = None,
+    stop_at_end: bool = False,
+    songs: int | None = None,
+    lines: int | None = None,
+    line_length: int | str | Sequence[int] | None = None,
+    acrostic: str = "",
+    rhyme: str = "",
+    repetition_penalty: float = 1.0,
+    max_copy: int | None = None,
+    song_memory: bool = True,
+) -> SampleRequest:
+    """A SampleRequest from plain options (the names of the sample command's flags), checked.
+
+    `length` defaults to DEFAULT_LENGTH, or to SHAPED_LENGTH (a cap) when lines, songs or an
+    acrostic decide where the text ends; `line_length` is 7, "5,7,5" or [5, 7, 5]."""
+    if isinstance(line_length, str):
+        lengths = parse_line_lengths(line_length)
+    elif isinstance(line_length, int):
+        lengths = [line_length]
+    else:
+        lengths = list(line_length or [])
+    structure = Structure(lines=lines, line_lengths=lengths, acrostic=acrostic, rhyme=rhyme,
+                          repetition_penalty=repetition_penalty)
+    if length is None:
+        length = SHAPED_LENGTH if (structure.shapes_lines or songs) else DEFAULT_LENGTH
+    request = SampleRequest(seed_text=seed, length=length, settings=SamplingSettings(temperature, top_k, top_p),
+                            num_samples=num_samples, random_seed=random_seed, stop_at_end=stop_at_end,
+                            songs=songs, structure=structure, max_copy=max_copy, song_memory=song_memory)
+    request.validate(MAX_VOCAB)  # the model's vocabulary is checked again by generate
+    return request
 
 
 def resolve_seed(request: SampleRequest) -> int:

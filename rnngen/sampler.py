@@ -7,14 +7,8 @@ from typing import Iterator
 
 import torch
 
+from rnngen.config import SamplingSettings
 from rnngen.model import RNNLM
-
-
-@dataclass
-class SamplingSettings:
-    temperature: float = 0.8  # < 1 is more conservative, 0 is greedy (always the likeliest token); finite
-    top_k: int = 0  # keep only the k likeliest tokens (0 = all)
-    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = all)
 
 
 def choose(logits: torch.Tensor, s: SamplingSettings, generator: torch.Generator | None = None) -> torch.Tensor:

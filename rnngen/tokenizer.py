@@ -13,9 +13,8 @@ import torch
 
 from rnngen.errors import CorpusError, ModelError
 from rnngen.files import atomic_write
+from rnngen.layout import CHAR_FILE, SPM_FILE
 
-CHAR_FILE = "vocab.json"
-SPM_FILE = "tokenizer.model"
 UNK, EOS = "<unk>", "<eos>"
 
 

@@ -18,9 +18,9 @@ from rnngen.config import TrainConfig
 from rnngen.data import Corpus, CorpusFiles, SongCutter, held_out, iter_text
 from rnngen.errors import CorpusError
 from rnngen.files import atomic_file, atomic_write
+from rnngen.layout import TOKENS_DIR
 from rnngen.tokenizer import CharTokenizer, SpmTokenizer, Tokenizer
 
-TOKENS_DIR = "tokens"  # inside the model directory
 _CACHE_NAME = re.compile(r"\.?[0-9a-f]{64}\.(?:(?:train|val)\.u(?:8|16|32)|json)(?:\..*\.tmp)?")
 FORMAT = 1
 SPM_SAMPLE_CHARS = 20_000_000  # SentencePiece learns its pieces from at most this much training text

@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from rnngen.checkpoint import (
-    INDEX_FILE, METRICS_FILE, STAGING_DIR, TRAINER_FILE, WEIGHTS_FILE, abandon, begin, build_meta, check_out_dir,
+    abandon, begin, build_meta, check_out_dir,
     commit, load_model, locked, load_trainer_state, read_config, remove_if_only_ours, save_trainer_state, save_weights, write_config,
 )
 from rnngen import memory, tokens
@@ -25,8 +25,9 @@ from rnngen.device import autocast, pick_device, pick_dtype
 from rnngen.distributed import World, join, leave, process_rank
 from rnngen.errors import CorpusError, Diverged, ModelError, UsageError
 from rnngen.files import append_line, atomic_write
+from rnngen.layout import INDEX_FILE, METRICS_FILE, NGRAM_FILE, STAGING_DIR, TRAINER_FILE, WEIGHTS_FILE
 from rnngen.model import RNNLM, sum_nll
-from rnngen.ngram import MAX_TOKENS as MAX_NGRAM_TOKENS, NGRAM_FILE, KneserNey
+from rnngen.ngram import MAX_TOKENS as MAX_NGRAM_TOKENS, KneserNey
 from rnngen.novelty import MAX_INDEX_CHARS, CorpusIndex
 from rnngen.sampler import SamplingSettings, generate_ids
 from rnngen.tokenizer import load_tokenizer

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,19 @@ def lock_free(directory: Path) -> bool:
             return True
     except Timeout:
         return False
+
+
+def pytest_configure(config) -> None:
+    """Nothing a test runs may write into the user's real model home, not even outside a test."""
+    os.environ["RNNGEN_HOME"] = tempfile.mkdtemp(prefix="rnngen-test-home-")
+
+
+@pytest.fixture(autouse=True)
+def model_home(tmp_path: Path, monkeypatch) -> Path:
+    """Every test gets its own empty model home (RNNGEN_HOME), never the user's real one."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("RNNGEN_HOME", str(home))
+    return home
 
 
 @pytest.fixture

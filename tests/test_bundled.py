@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rnngen.checkpoint import bundled_dir
+from rnngen.home import bundled_dir
 from rnngen.cli import app
 
 

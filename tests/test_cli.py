@@ -78,11 +78,11 @@ def test_evaluate_defaults_to_validation_split(runner, trained_dir):
     assert scores["bits_per_char"] == pytest.approx(meta["result"]["val_bpc"], rel=2e-3)  # with song memory
 
 
-def test_train_prints_model_dir_and_logs_to_stderr(runner, songs_file, tmp_path, monkeypatch):
+def test_train_prints_model_dir_and_logs_to_stderr(runner, songs_file, tmp_path, monkeypatch, model_home):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["train", str(songs_file), "--max-steps", "5", *TINY_FLAGS])
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.strip() == str(Path("models") / "songs")
+    assert result.stdout.strip() == str(model_home / "songs")
     assert "Done" in result.stderr
     # the newest model is the default for sampling and evaluation
     again = runner.invoke(app, ["sample", "--length", "5", "--random-seed", "1"])

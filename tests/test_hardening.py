@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import rnngen.novelty
-from rnngen.checkpoint import COMPLETE_MARK, STAGING_DIR, load_model
+from rnngen.checkpoint import load_model
+from rnngen.layout import COMPLETE_MARK, STAGING_DIR
 from rnngen.cli import app
 from rnngen.errors import Diverged, ModelError
 from rnngen.files import write_error

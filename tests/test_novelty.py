@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from rnngen.cli import app
-from rnngen.novelty import INDEX_FILE, CorpusIndex, copy_report
+from rnngen.layout import INDEX_FILE
+from rnngen.novelty import CorpusIndex, copy_report
 
 from conftest import TINY_FLAGS, make_songs
 

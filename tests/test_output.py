@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from rnngen.checkpoint import resolve_model
-from rnngen.cli import _command_line, _default_name, _model_arg, app
+from rnngen.home import resolve_model
+from rnngen.cli import _command_line, app
+from rnngen.home import default_name, display_name
 
 from conftest import make_songs
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+def env(**extra: str) -> dict[str, str]:
+    """The environment at call time (with the test's own RNNGEN_HOME) plus this checkout on the path."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
 TR = ["--hidden-size", "32", "--layers", "1", "--embedding-dim", "16", "--batch-size", "8", "--seq-len", "32",
       "--max-steps", "4", "--eval-every", "2", "-q", "--threads", "1"]
 SAMPLE = ["sample", "--seed", "我", "--length", "20", "--threads", "1"]  # the bundled model
@@ -25,7 +28,7 @@ posix_only = pytest.mark.skipif(os.name != "posix", reason="POSIX file descripto
 
 def rnngen(*args: str, **kwargs) -> subprocess.CompletedProcess:
     kwargs.setdefault("stdout", subprocess.PIPE)
-    return subprocess.run([sys.executable, "-m", "rnngen", *args], stderr=subprocess.PIPE, env=kwargs.pop("env", ENV),
+    return subprocess.run([sys.executable, "-m", "rnngen", *args], stderr=subprocess.PIPE, env=kwargs.pop("env", None) or env(),
                           timeout=120, **kwargs)
 
 
@@ -57,16 +60,16 @@ def test_sample_to_a_full_device_is_one_line(tmp_path, extra):
 
 @pytest.mark.parametrize("extra", [[], ["--json"]])
 def test_stdout_is_utf8_whatever_the_locale(tmp_path, extra):
-    env = {**ENV, "PYTHONIOENCODING": "latin-1", "LC_ALL": "C", "LANG": "C"}
-    result = rnngen(*SAMPLE, *extra, env=env, cwd=tmp_path)
+    latin = env(**{"PYTHONIOENCODING": "latin-1", "LC_ALL": "C", "LANG": "C"})
+    result = rnngen(*SAMPLE, *extra, env=latin, cwd=tmp_path)
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
     assert "我" in result.stdout.decode("utf-8")
 
 
 def test_evaluate_table_is_utf8_whatever_the_locale(tmp_path):
     (tmp_path / "歌词.txt").write_text(make_songs(5), encoding="utf-8")
-    env = {**ENV, "PYTHONIOENCODING": "latin-1"}
-    result = rnngen("evaluate", "歌词.txt", "--threads", "1", env=env, cwd=tmp_path)
+    latin = env(**{"PYTHONIOENCODING": "latin-1"})
+    result = rnngen("evaluate", "歌词.txt", "--threads", "1", env=latin, cwd=tmp_path)
     assert result.returncode == 0 and result.stderr == b"", result.stderr
     table = result.stdout.decode("utf-8")
     assert "歌" in table and "bits per character" in table  # the title wraps at the table width
@@ -83,7 +86,7 @@ def closed_pipe() -> int:
 
 
 @posix_only
-def test_train_into_a_closed_pipe_exits_0_quietly(tmp_path):
+def test_train_into_a_closed_pipe_exits_0_quietly(tmp_path, model_home):
     (tmp_path / "small.txt").write_text(make_songs(), encoding="utf-8")
     write = closed_pipe()
     try:
@@ -93,7 +96,7 @@ def test_train_into_a_closed_pipe_exits_0_quietly(tmp_path):
     err = result.stderr.decode()
     assert result.returncode == 0, err
     assert err.startswith("Done:") and len(err.splitlines()) == 1, err
-    assert (tmp_path / "models" / "small" / "config.json").is_file()
+    assert (model_home / "small" / "config.json").is_file()
 
 
 @posix_only
@@ -109,26 +112,27 @@ def test_sample_into_a_closed_pipe_exits_0_quietly(tmp_path):
 # ---- item 13: the hints print commands that work when pasted ---------------------------------------
 
 
-@pytest.mark.parametrize("out", ["base", "my dir", "models/kept"])
+@pytest.mark.parametrize("out", ["base", "my dir", "models/kept", None])
 def test_done_hint_is_a_working_command(runner, tmp_path, monkeypatch, out):
     monkeypatch.chdir(tmp_path)
     Path("small.txt").write_text(make_songs(), encoding="utf-8")
-    result = runner.invoke(app, ["train", "small.txt", "--out", out, *TR])
+    result = runner.invoke(app, ["train", "small.txt", *(["--out", out] if out else ["--name", "kept"]), *TR])
     assert result.exit_code == 0, result.stderr
     hint = result.stderr.strip().split("Try: ", 1)[1]
     args = shlex.split(hint)
     assert args[:2] == ["rnngen", "sample"]
     again = runner.invoke(app, [*args[1:], "--length", "5", "--random-seed", "1", "--threads", "1"])
     assert again.exit_code == 0, again.stderr
-    if out == "models/kept":
-        assert args[-1] == "kept"  # a model under models/ goes by its name
+    if out is None:
+        assert args[-1] == "kept"  # a model in the model home goes by its name
 
 
-def test_model_arg_is_read_as_the_same_directory(tmp_path, monkeypatch):
+def test_model_arg_is_read_as_the_same_directory(tmp_path, monkeypatch, model_home):
     monkeypatch.chdir(tmp_path)
-    for out in ("base", "my dir", "sub/base", ".hidden", str(tmp_path / "abs"), "models/x"):
+    for out in ("base", "my dir", "sub/base", ".hidden", str(tmp_path / "abs"), "models/x", str(model_home / "y")):
         Path(out).mkdir(parents=True)
-        assert resolve_model(_model_arg(Path(out))).resolve() == Path(out).resolve(), out
+        (Path(out) / "config.json").write_text("{}")
+        assert resolve_model(display_name(Path(out))).resolve() == Path(out).resolve(), out
 
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX shell quoting")
@@ -146,14 +150,14 @@ def test_resume_hint_quotes_its_arguments():
     ("a&b (live).txt", "a_b__live_"), ("-", "stdin"), ("...", None), ("..", None),
 ])
 def test_default_name_is_valid(first, name):
-    got = _default_name(first)
+    got = default_name(first)
     if name is not None:
         assert got == name
     assert got and not got.startswith(".") and all(c.isalnum() or c in "._-" for c in got)
 
 
 @pytest.mark.parametrize("filename, name", [("my songs.txt", "my_songs"), (os.fsdecode(b"caf\xe9.txt"), "caf_")])
-def test_train_without_name_on_an_awkward_file_name(runner, tmp_path, monkeypatch, filename, name):
+def test_train_without_name_on_an_awkward_file_name(runner, tmp_path, monkeypatch, model_home, filename, name):
     monkeypatch.chdir(tmp_path)
     try:
         Path(filename).write_text(make_songs(), encoding="utf-8")
@@ -161,13 +165,13 @@ def test_train_without_name_on_an_awkward_file_name(runner, tmp_path, monkeypatc
         pytest.skip("this file system refuses the name")
     result = runner.invoke(app, ["train", filename, *TR])
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == str(Path("models") / name) + "\n"
+    assert result.stdout == str(model_home / name) + "\n"
     assert "--model " + name in result.stderr
 
 
-def test_an_explicit_bad_name_is_still_refused(runner, tmp_path, monkeypatch):
+def test_an_explicit_bad_name_is_still_refused(runner, tmp_path, monkeypatch, model_home):
     monkeypatch.chdir(tmp_path)
     Path("small.txt").write_text(make_songs(), encoding="utf-8")
     result = runner.invoke(app, ["train", "small.txt", "--name", "my songs", *TR])
     assert result.exit_code != 0 and "Error" in result.stderr and "--name" in result.stderr
-    assert not Path("models").exists()
+    assert not Path("models").exists() and not model_home.exists()

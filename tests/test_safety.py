@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from rnngen.checkpoint import atomic_write, load_trainer_state
+from rnngen.checkpoint import load_trainer_state
+from rnngen.files import atomic_write
 from rnngen.cli import app
 from rnngen.errors import ModelError
 
