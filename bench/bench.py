@@ -77,9 +77,9 @@ def exact_flops_per_char(cfg: ModelConfig) -> float:
 
 def train_throughput(cfg: ModelConfig, tcfg: TrainConfig, steps: int, repeats: int,
                      device: torch.device = torch.device("cpu")) -> float:
-    """chars/s of rnngen's training step (the same forward/backward/clip/AdamW as train.py)."""
+    """chars/s of rnngen's training step (the same forward/backward/clip/AdamW as training.py)."""
     from rnngen.device import autocast, pick_dtype
-    from rnngen.train import _param_groups
+    from rnngen.training import _param_groups
 
     torch.manual_seed(0)
     model = RNNLM(cfg).train().to(device)

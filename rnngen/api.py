@@ -28,7 +28,7 @@ from rnngen.evaluate import Metrics, evaluate_songs, evaluate_validation
 from rnngen.home import check_name, default_name, home, resolve_model
 from rnngen.novelty import CopyReport, CorpusIndex, copy_report
 from rnngen.sample import SampleRequest, generate as generate_pieces, make_request
-from rnngen.train import ProgressFn, TrainResult, train as train_model
+from rnngen.training import ProgressFn, TrainResult, train as train_model
 
 CorpusArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
@@ -180,8 +180,9 @@ def train(
     """Train a model on `corpus` (files, directories, or "-") and return its directory: `out`, else
     the model home's `name` (default: the corpus file's name).
 
-    on_progress(kind, info) is called with kind "start", "step", "eval", "tokenized", "info" and
-    "done" (info: a dict of figures such as step, train_loss, val_bpc)."""
+    on_progress(kind, info) is called with kind "tokenize" (reading the corpus), "tokenized",
+    "start", "step", "eval", "info" (a message) and "done"; info is a dict of figures such as
+    step, train_loss and val_bpc."""
     return run_training(corpus, out, name=name, model=model, training=training, resume=resume,
                         fine_tune=fine_tune, force=force, encoding=encoding, device=device,
                         on_progress=on_progress).directory

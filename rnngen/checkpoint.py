@@ -96,6 +96,14 @@ def is_model_dir(directory: Path) -> bool:
     return isinstance(meta, dict) and isinstance(meta.get("format_version"), int) and "model" in meta
 
 
+def is_exported(directory: Path) -> bool:
+    """Whether `directory` holds a model made by `rnngen export` (weights only, no training state)."""
+    try:
+        return "exported" in read_config(directory)
+    except ModelError:
+        return False
+
+
 def foreign_entries(directory: Path) -> list[str]:
     """The names in `directory` rnngen did not write (for a directory that holds no model)."""
     names = []
@@ -123,6 +131,9 @@ def check_out_dir(out_dir: Path, resume: bool, force: bool) -> bool:
         if not (resume or force):
             raise ModelError(f"{out_dir} already holds a model; use --resume to continue it, --force to start "
                              "over, or another --name / --out for a new one")
+        if resume and is_exported(out_dir):
+            raise ModelError(f"{out_dir} is an exported model: it has no training state (trainer.pt), so it cannot "
+                             "be resumed; resume the model it was exported from, or start over with --force")
         return resume
     foreign = foreign_entries(out_dir)
     if resume and not (out_dir / STAGING_DIR).is_dir():  # a started run that never saved: begin again

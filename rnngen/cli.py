@@ -592,6 +592,113 @@ def _copy_table(model, source: str, text: str, as_json: bool) -> None:
         ("8-character windows found there", f"{report.copied_8gram_share:.1%}"))))
 
 
+# ---- the models a user has ---------------------------------------------------------------------
+
+
+@app.command("models")
+def list_models(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array instead of a table."),
+) -> None:
+    """List every model: those in the model home, then the bundled one."""
+    with _errors_to_exit():
+        from rnngen.home import home
+        from rnngen.store import list_all
+
+        records = list_all()
+        if as_json:
+            _emit(json.dumps(records, ensure_ascii=False) + "\n")
+            return
+        from rich.table import Table
+
+        table = Table(title=f"models in {home()} (set RNNGEN_HOME to use another folder)", title_justify="left")
+        for column in ("name", "network", "corpus", "bits/char", "trained", "size"):
+            table.add_column(column, justify="right" if column in ("bits/char", "size") else "left")
+        for r in records:
+            if "error" in r:
+                table.add_row(r["name"], "damaged", r["error"], "", "", "")
+                continue
+            bpc = "-" if r["val_bpc"] is None else f"{r['val_bpc']:.3f}"
+            note = " (bundled)" if r["bundled"] else " (exported)" if r["exported"] else ""
+            table.add_row(r["name"] + note, f"{r['network']} {r['tokenizer']}", r["corpus"] or "-", bpc,
+                          (r["trained"] or "-")[:16].replace("T", " "), _bytes(r["size_bytes"]))
+        _emit_table(table)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+@app.command()
+def info(
+    name: str = typer.Argument(..., metavar="NAME", help="A model's name (see 'rnngen models') or directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+) -> None:
+    """Show one model in full: network, tokenizer, training settings, corpus, result and files."""
+    with _errors_to_exit():
+        from rnngen.home import resolve_model
+        from rnngen.store import info as model_info
+
+        directory = resolve_model(name)
+        record = model_info(directory.name, directory)
+        if as_json:
+            _emit(json.dumps(record, ensure_ascii=False) + "\n")
+            return
+        config = record["config"]
+        rows = [("path", record["path"]), ("network", f"{record['network']}, vocabulary {record['vocab_size']:,}"),
+                ("tokenizer", str(record["tokenizer"])), ("corpus", record["corpus"] or "-"),
+                ("trained", record["trained"] or "-"), ("size on disk", _bytes(record["size_bytes"]))]
+        rows += [(f"model.{k}", str(v)) for k, v in config.get("model", {}).items()]
+        rows += [(f"train.{k}", str(v)) for k, v in config.get("train", {}).items()]
+        rows += [(f"result.{k}", str(v)) for k, v in config.get("result", {}).items()]
+        rows += [("exported", json.dumps(config["exported"]))] if "exported" in config else []
+        rows += [(f"file {k}", _bytes(v)) for k, v in record["files"].items()]
+        _emit_table(_table(f"{record['name']}", rows))
+
+
+@app.command()
+def rm(
+    name: str = typer.Argument(..., metavar="NAME", help="The model's name in the model home (see 'rnngen models')."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+) -> None:
+    """Remove a model from the model home (only the files rnngen wrote)."""
+    with _errors_to_exit():
+        from rnngen.home import home
+        from rnngen.store import removable, remove
+
+        removable(name)
+        if not yes:
+            if not sys.stdin or not sys.stdin.isatty():
+                raise UsageError(f"rnngen rm asks before removing; add --yes to remove {name!r} without asking")
+            if not typer.confirm(f"Remove the model {name!r} from {home()}?", err=True):
+                _err("Nothing removed.")
+                raise typer.Exit(1)
+        left = remove(name)
+        note = f"; kept your files there: {', '.join(left[:5])}" if left else ""
+        _err(f"Removed {name}{note}.")
+
+
+@app.command()
+def export(
+    name: str = typer.Argument(..., metavar="NAME", help="A model's name (see 'rnngen models') or directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="A new directory to write the copy into."),
+    dtype: str = typer.Option("fp16", "--dtype", help="Weights as fp16 (half the size) or fp32 (bit-identical samples)."),
+    with_index: bool = typer.Option(False, "--with-index", help="Include the copy-check index, so --max-copy and --json's copy figures work."),
+) -> None:
+    """Write a slim, self-contained copy of a model for sharing: weights, tokenizer, n-gram and
+    config; no training state or token cache. It samples like the original but cannot be resumed."""
+    with _errors_to_exit():
+        from rnngen.home import resolve_model
+        from rnngen.store import export as export_model
+
+        directory = export_model(resolve_model(name), out, dtype, with_index)
+        _err(f"Exported to {directory} ({_bytes(sum(p.stat().st_size for p in directory.iterdir()))}).")
+        _emit(f"{directory}\n")
+
+
 # ---- plot ---------------------------------------------------------------------------------------
 
 

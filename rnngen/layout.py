@@ -5,8 +5,8 @@
     vocab.json           char tokenizer  | tokenizer.model  SentencePiece tokenizer (tokenizer.py)
     ngram.safetensors    the training text's ids for the Kneser-Ney n-gram (ngram.py)
     novelty.safetensors  the copy-check index of the training text (novelty.py)
-    trainer.pt           optimizer, schedule, data position and random state, to resume (train.py)
-    metrics.jsonl        one line per validation (train.py)
+    trainer.pt           optimizer, schedule, data position and random state, to resume (training.py)
+    metrics.jsonl        one line per validation (training.py)
     tokens/              the token cache, rebuilt when missing (tokens.py)
     train.lock           the OS lock of the run writing the directory
     .rnngen-new/         a fresh run's files until its first complete save (checkpoint.py)

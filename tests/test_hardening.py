@@ -239,7 +239,7 @@ def test_divergence_before_the_first_save_saves_nothing(songs_file, tmp_path, mo
     from rnngen.config import TrainConfig
     from rnngen.data import open_corpus
     from rnngen.model import RNNLM
-    from rnngen.train import train as run_training
+    from rnngen.training import train as run_training
 
     monkeypatch.setattr(RNNLM, "init_output_bias", lambda self, counts: self.head.bias.data.fill_(float("inf")))
     out = tmp_path / "m"

@@ -14,7 +14,7 @@ from rnngen import tokens
 from rnngen.config import TrainConfig
 from rnngen.data import BatchStream, Corpus, held_out, iter_text, open_corpus, read_corpus, split_songs, train_val_split
 from rnngen.tokenizer import CharTokenizer
-from rnngen.train import train
+from rnngen.training import train
 
 from conftest import TINY, make_english, make_songs
 

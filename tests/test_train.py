@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from rnngen.config import TrainConfig
 from rnngen.data import Corpus
-from rnngen.train import train
+from rnngen.training import train
 
 from conftest import TINY, make_english, make_songs
 

@@ -96,7 +96,7 @@ def test_model_config_validate(changes):
 def test_library_train_refuses_bad_numbers(songs_file, tmp_path, budget, options):
     """The library checks what it is given, not only the CLI."""
     from rnngen.data import open_corpus
-    from rnngen.train import train
+    from rnngen.training import train
 
     config = replace(TrainConfig(batch_size=4, seq_len=16, eval_every=5), max_steps=2, **budget)
     with pytest.raises(UsageError) as info:

@@ -22,7 +22,7 @@ from rnngen.checkpoint import CONFIG_FILE, LOCK_FILE, METRICS_FILE, TRAINER_FILE
 from rnngen.config import TrainConfig
 from rnngen.data import read_corpus
 from rnngen.novelty import CorpusIndex
-from rnngen.train import train
+from rnngen.training import train
 
 OUT = Path(__file__).resolve().parent.parent / "models" / "songci"
 MODEL = {"rnn_type": "lstm", "num_layers": 2, "hidden_size": 384, "embedding_dim": 128, "dropout": 0.1,
