@@ -27,8 +27,9 @@ def summary(name: str, directory: Path) -> dict[str, Any]:
         return {"name": name, "path": str(directory), "error": str(exc)}
     net, result, corpus = meta.get("model", {}), meta.get("result", {}), meta.get("corpus", {})
     weights = directory / WEIGHTS_FILE
-    trained = (datetime.datetime.fromtimestamp(weights.stat().st_mtime, datetime.timezone.utc)
-               .isoformat(timespec="seconds") if weights.is_file() else None)
+    trained = result.get("finished")  # older models: when the weights were last written
+    if trained is None and weights.is_file():
+        trained = datetime.datetime.fromtimestamp(weights.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
     sources = corpus.get("sources") or []
     return {
         "name": name,

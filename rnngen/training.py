@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import time
@@ -137,17 +138,16 @@ def _train(
     on_progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> TrainResult:
+    """Set up (settings, token cache, model, saved state), then run the training loop (_Run.run)."""
     world, dev = join(pick_device(device))
     emit = on_progress if (on_progress and world.main) else (lambda kind, info: None)
     if world.size > 1:  # rank 0 decided in train() (a run that never saved starts afresh): tell the others
         resume = bool(world.sum([float(resume) if world.main else 0.0])[0])
     work = out_dir if resume else out_dir / STAGING_DIR  # where this run writes until its first save is in place
-
-    saved: dict[str, Any] | None = None
-    scanned: tokens.Scan | None = None
-    new_corpus = False
-    tokenizer = None
     started = time.perf_counter()
+
+    # 1. the settings: a resumed run's own, with the new budget
+    saved, scanned, tokenizer, new_corpus = None, None, None, False
     if resume:
         meta = read_config(out_dir)
         if world.main:  # the hash alone first: with an unchanged corpus the token cache is likely still good
@@ -171,7 +171,7 @@ def _train(
     dtype = pick_dtype(config.precision, dev)
     _check_budget(config)
 
-    # rank 0 tokenises the corpus into the model directory once; the other ranks wait, then map the same files
+    # 2. the token cache: rank 0 tokenises the corpus into the model directory once; the other ranks wait
     if world.main:
         reuse = scanned is not None and tokens.cached(out_dir, scanned.sha256, config, tokenizer)
         if not reuse:
@@ -185,6 +185,8 @@ def _train(
     data = tokens.load(out_dir, sha)
     corpus_info = {"sha256": sha, "bytes": scanned.bytes if scanned else 0, "sources": corpus.sources,
                    "encoding": corpus.encoding}
+
+    # 3. the model: a new one is written with its config, copy-check index and n-gram
     if not resume:
         torch.manual_seed(config.seed)
         try:
@@ -200,204 +202,267 @@ def _train(
     else:
         model = RNNLM(model_config)
 
-    val_ids = torch.cat([torch.tensor([tokenizer.eos_id]), torch.from_numpy(data.val[: config.val_tokens].astype(np.int64))])
-    val_chars = data.val_chars
-    val_chars_per_token = val_chars / max(1, len(data.val))  # bits/char from nats/token
-    val_eval_ids = val_ids
-    batches = BatchStream(data.train, config.batch_size, config.seq_len, config.seed, shard=(world.rank, world.size))
-    if saved is None:
-        model.init_output_bias(torch.from_numpy(data.counts))
-    model.to(dev)
-    opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
-    # each rank reads its share of the streams; DDP averages the gradients, so the step equals a
-    # single process's step on the whole global batch
-    forward = model if world.size == 1 else DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-    step, elapsed, best, bad_evals, plateau_scale, hidden = 0, 0.0, math.inf, 0, 1.0, None
+    # 4. the run: optimizer and data position, restored from trainer.pt when resuming
+    run = _Run(world, dev, dtype, out_dir, work, config, model, tokenizer, data, emit, should_stop)
     if saved is not None:
-        _check_saved_shapes(out_dir, saved, model)
+        run.restore(saved, new_corpus)
+        if world.main:  # a kill after the last save may have logged later validations: they will come again
+            _truncate_metrics(out_dir / METRICS_FILE, run.step)
+    if resume and world.main:
+        if not new_corpus and not (out_dir / NGRAM_FILE).exists():
+            _write_ngram(out_dir, data.train, tokenizer, emit)  # a model from before n-grams: it gets one now
+        if new_corpus:
+            _note_fine_tuning(out_dir, corpus, scanned.bytes, data, tokenizer, corpus_info, emit)
+    return run.run()
+
+
+def _note_fine_tuning(out_dir: Path, corpus, size: int, data: tokens.TokenData, tokenizer, corpus_info: dict,
+                      emit: ProgressFn) -> None:
+    """A resumed run on new text: say how much of it is unknown; the config, index and n-gram follow it."""
+    unknown = int(data.counts[tokenizer.unk_id])
+    emit("info", {"message": f"fine-tuning on new text: {unknown:,} of its {len(data.train):,} training tokens "
+                             "are outside the model's vocabulary and read as unknown"})
+    meta = read_config(out_dir)
+    meta["corpus"], meta["fine_tuned_from_corpus"] = corpus_info, meta.get("corpus")
+    write_config(out_dir, meta)
+    _write_index(out_dir, corpus, size, emit, before=CorpusIndex.load(out_dir))  # the model knows both
+    _write_ngram(out_dir, data.train, tokenizer, emit)  # the counts follow the new text
+
+
+class _Run:
+    """One training run: the model, its optimizer, the data position and the bookkeeping of the
+    best validation so far. run() is the loop; step(), validate() and checkpoint() its parts."""
+
+    def __init__(self, world: World, dev: torch.device, dtype: torch.dtype, out_dir: Path, work: Path,
+                 config: TrainConfig, model: RNNLM, tokenizer, data: tokens.TokenData, emit: ProgressFn,
+                 should_stop: Callable[[], bool]) -> None:
+        self.world, self.dev, self.out_dir, self.work, self.config = world, dev, out_dir, work, config
+        self.model, self.tokenizer, self.emit, self.should_stop = model, tokenizer, emit, should_stop
+        self.val_ids = torch.cat([torch.tensor([tokenizer.eos_id]),
+                                  torch.from_numpy(data.val[: config.val_tokens].astype(np.int64))])
+        self.val_chars = data.val_chars
+        self.val_chars_per_token = data.val_chars / max(1, len(data.val))  # bits/char from nats/token
+        self.train_chars_per_token = data.train_chars / max(1, len(data.train))
+        self.train_tokens = len(data.train)
+        self.batches = BatchStream(data.train, config.batch_size, config.seq_len, config.seed,
+                                   shard=(world.rank, world.size))
+        self.fresh = True
+        model.init_output_bias(torch.from_numpy(data.counts))
+        model.to(dev)
+        self.opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
+        # each rank reads its share of the streams; DDP averages the gradients, so the step equals a
+        # single process's step on the whole global batch
+        self.forward = model if world.size == 1 else DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        self.amp = autocast(dev, dtype)
+        self.dtype = dtype
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+        self.total_steps = _total_steps(config, self.batches.windows_per_epoch)
+        self.step, self.elapsed, self.best, self.bad_evals, self.plateau_scale = 0, 0.0, math.inf, 0, 1.0
+        self.hidden = None
+        self.saved_step: int | None = None  # the step of the last checkpoint
+        self.losses: list[float] = []
+
+    def restore(self, saved: dict[str, Any], new_corpus: bool) -> None:
+        """Continue from trainer.pt exactly; `new_corpus` (fine-tuning) starts the new text from its start."""
+        model = self.model
+        _check_saved_shapes(self.out_dir, saved, model)
         try:
             model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            batches.pos = Position(**saved["position"])
-            step, elapsed, best = saved["step"], saved["elapsed"], saved["best"]
-            bad_evals, plateau_scale = saved["bad_evals"], saved["plateau_scale"]
-            hidden = tuple(batches.my_rows(t).to(dev) for t in saved["hidden"]) if saved["hidden"] else None
-            if model_config.rnn_type != "lstm" and hidden is not None:
+            self.opt.load_state_dict(saved["optimizer"])
+            self.batches.pos = Position(**saved["position"])
+            self.step, self.elapsed, self.best = saved["step"], saved["elapsed"], saved["best"]
+            self.bad_evals, self.plateau_scale = saved["bad_evals"], saved["plateau_scale"]
+            hidden = tuple(self.batches.my_rows(t).to(self.dev) for t in saved["hidden"]) if saved["hidden"] else None
+            if model.config.rnn_type != "lstm" and hidden is not None:
                 hidden = hidden[0]
+            self.hidden = hidden
             torch.set_rng_state(saved["rng"])
             if new_corpus:  # fine-tuning: same weights and optimizer, new text from its start
-                batches.pos, hidden, best, bad_evals = Position(), None, math.inf, 0
+                self.batches.pos, self.hidden, self.best, self.bad_evals = Position(), None, math.inf, 0
+            if saved.get("scaler"):
+                self.scaler.load_state_dict(saved["scaler"])
         except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-            raise ModelError(f"cannot resume from {out_dir / TRAINER_FILE}: it does not match this model "
+            raise ModelError(f"cannot resume from {self.out_dir / TRAINER_FILE}: it does not match this model "
                              f"({str(exc).splitlines()[0][:200]})") from None
-        if world.main:  # a kill after the last save may have logged later validations: they will come again
-            _truncate_metrics(out_dir / METRICS_FILE, step)
+        self.saved_step = self.step
+        self.fresh = False
 
-    if resume and not new_corpus and world.main and not (out_dir / NGRAM_FILE).exists():
-        _write_ngram(out_dir, data.train, tokenizer, emit)  # a model from before n-grams: it gets one now
-    if resume and new_corpus and world.main:
-        unknown = int(data.counts[tokenizer.unk_id])
-        emit("info", {"message": f"fine-tuning on new text: {unknown:,} of its {len(data.train):,} training tokens "
-                                 "are outside the model's vocabulary and read as unknown"})
-        meta = read_config(out_dir)
-        meta["corpus"], meta["fine_tuned_from_corpus"] = corpus_info, meta.get("corpus")
-        write_config(out_dir, meta)
-        _write_index(out_dir, corpus, scanned.bytes, emit, before=CorpusIndex.load(out_dir))  # the model knows both
-        _write_ngram(out_dir, data.train, tokenizer, emit)  # the counts follow the new text
-    amp = autocast(dev, dtype)
-    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)  # fp16's range needs loss scaling
-    if saved is not None and saved.get("scaler"):
-        scaler.load_state_dict(saved["scaler"])
-    chars_per_token = data.train_chars / max(1, len(data.train))
-    total_steps = _total_steps(config, batches.windows_per_epoch)
-    emit("start", {
-        "directory": str(out_dir), "device": str(dev), "precision": str(dtype).removeprefix("torch."),
-        "params": sum(p.numel() for p in model.parameters()), "train_tokens": len(data.train),
-        "val_chars": val_chars, "vocab_size": tokenizer.vocab_size, "batch_size": batches.batch_size,
-        "processes": world.size,
-        "seq_len": batches.seq_len, "total_steps": total_steps, "time_limit": config.time_limit, "step": step,
-    })
-
-    def progress_now() -> float:
-        if total_steps:
-            return step / total_steps
-        return elapsed / config.time_limit if config.time_limit else 0.0
-
-    saved_step = step if saved is not None else None
-
-    def diverged(what: str) -> Diverged:
-        kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else "nothing was saved"
-        return Diverged(f"training diverged after step {step}: {what}; {kept}. Lower --lr (now {config.lr:g}) "
-                        "or --grad-clip and train again")
-
-    def checkpoint() -> None:
-        nonlocal work, saved_step
-        gathered = [] if hidden is None else [world.gather_rows(t) for t in (hidden if isinstance(hidden, tuple) else (hidden,))]
-        if not world.main:
-            return
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise diverged("the weights became nan or inf")
-        if not (work / WEIGHTS_FILE).exists():  # no validation yet: the latest weights are the best we know
-            save_weights(work, model)
-        save_trainer_state(work, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "position": {"epoch": batches.pos.epoch, "window": batches.pos.window},
-            "step": step, "elapsed": elapsed, "best": best, "bad_evals": bad_evals,
-            "plateau_scale": plateau_scale, "rng": torch.get_rng_state(), "scaler": scaler.state_dict(),
-            "hidden": gathered,  # (layers, global batch, hidden): the same layout for any number of processes
+    def run(self) -> TrainResult:
+        """Step until a budget ends the run, validating and saving every eval_every steps."""
+        self.emit("start", {
+            "directory": str(self.out_dir), "device": str(self.dev), "precision": str(self.dtype).removeprefix("torch."),
+            "params": sum(p.numel() for p in self.model.parameters()), "train_tokens": self.train_tokens,
+            "val_chars": self.val_chars, "vocab_size": self.tokenizer.vocab_size,
+            "batch_size": self.batches.batch_size, "processes": self.world.size, "seq_len": self.batches.seq_len,
+            "total_steps": self.total_steps, "time_limit": self.config.time_limit, "step": self.step,
         })
-        if work != out_dir:  # the first complete save of a fresh run: it replaces what out_dir held
-            commit(out_dir)
-            work = out_dir
-        saved_step = step
+        self.model.train()
+        speed = _Speed()
+        last_eval_step = -1 if self.fresh else self.step
+        while True:
+            if self.world.size > 1:  # every rank stops on the same step: rank 0's clock decides
+                self.elapsed = self.world.sum([self.elapsed if self.world.main else 0.0])[0]
+            stop_reason = _budget_reason(self.config, self.step, self.elapsed, self.total_steps, self.bad_evals)
+            if stop_reason:
+                break
+            stop_now, seconds, tokens_read = self.train_step()
+            speed.add(tokens_read * self.train_chars_per_token * self.world.size, seconds)  # the whole job's speed
+            self.emit("step", {"step": self.step, "total_steps": self.total_steps, "train_loss": self.losses[-1],
+                               "chars_per_sec": speed.rate, "elapsed": self.elapsed, "progress": self.progress()})
+            if stop_now:
+                stop_reason = "interrupted"
+                break
+            if self.step % self.config.eval_every == 0:
+                self.emit("eval", self.validate(speed.rate))
+                last_eval_step = self.step
+                self.checkpoint()
+                speed = _Speed()
+        if stop_reason != "interrupted" and last_eval_step != self.step and self.losses:
+            self.emit("eval", self.validate(0.0))
+        self.checkpoint()
+        self.world.barrier()
+        return self.finish(stop_reason)
 
-    def evaluate_now(train_loss: float, chars_per_sec: float) -> dict[str, Any]:
-        nonlocal best, bad_evals, plateau_scale
-        record: dict[str, Any] = {"step": step, "epoch": round(step / batches.windows_per_epoch, 3),
-                                  "elapsed": round(elapsed, 1), "train_loss": round(train_loss, 4),
-                                  "lr": opt.param_groups[0]["lr"], "chars_per_sec": round(chars_per_sec)}
-        if val_chars:
-            nats, n = world.sum(list(sum_nll(model, _share(val_eval_ids, world), amp=amp)))
-            val_loss = nats / n
-            record.update(val_loss=round(val_loss, 4), val_bpc=round(val_loss / val_chars_per_token / math.log(2), 4))
-        else:  # no held-out text: the latest weights are the best we know
-            val_loss = -step
-        if not math.isfinite(val_loss):
-            raise diverged(f"the validation loss became {val_loss}")
-        if val_loss < best - 1e-4:  # a real improvement, not float noise
-            best, bad_evals = val_loss, 0
-            if world.main:
-                save_weights(work, model)
-            record["saved"] = True
-        else:
-            bad_evals += 1
-            if config.lr_schedule == "plateau" and bad_evals % 2 == 0:
-                plateau_scale *= 0.5
-        if world.main:
-            append_line(work / METRICS_FILE, json.dumps(record, allow_nan=False))
-            record["preview"] = _preview(model, tokenizer, config.seed + step)
-            model.train()
-        return record
-
-    model.train()
-    stop_reason, losses, window_chars, window_time = "", [], 0, 0.0
-    last_eval_step = step if saved is not None else -1
-    while True:
-        if world.size > 1:  # every rank stops on the same step: rank 0's clock decides
-            elapsed = world.sum([elapsed if world.main else 0.0])[0]
-        reason = _budget_reason(config, step, elapsed, total_steps, bad_evals)
-        if reason:
-            stop_reason = reason
-            break
+    def train_step(self) -> tuple[bool, float, int]:
+        """One optimizer step on the next batch: (whether to stop now, seconds, tokens read)."""
         t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = config.lr * lr_factor(config, step, progress_now(), plateau_scale)
-        x, y, fresh = batches.next()
+        config, model = self.config, self.model
+        for group in self.opt.param_groups:
+            group["lr"] = config.lr * lr_factor(config, self.step, self.progress(), self.plateau_scale)
+        x, y, fresh = self.batches.next()
         if fresh:
-            hidden = None  # a new epoch starts the streams afresh
-        if dev.type == "cuda":  # page-locked, so the copy runs alongside the GPU's work
+            self.hidden = None  # a new epoch starts the streams afresh
+        if self.dev.type == "cuda":  # page-locked, so the copy runs alongside the GPU's work
             x, y = x.pin_memory(), y.pin_memory()
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        with amp:
-            _, hidden, loss = forward(x, hidden, y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)  # clip the true gradients
+        x, y = x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)
+        with self.amp:
+            _, hidden, loss = self.forward(x, self.hidden, y)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)  # clip the true gradients
         norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
         loss_value = loss.item()
-        if not scaler.is_enabled() and not math.isfinite(norm):
+        if not self.scaler.is_enabled() and not math.isfinite(norm):
             loss_value = norm  # a non-finite gradient would make every weight nan: stop before the update
-        flags = [float(should_stop()), loss_value]
-        stop_now, loss_value = world.sum(flags) if world.size > 1 else flags  # every rank decides alike
+        flags = [float(self.should_stop()), loss_value]
+        stop_now, loss_value = self.world.sum(flags) if self.world.size > 1 else flags  # every rank decides alike
         if not math.isfinite(loss_value):
-            raise diverged(f"the loss or its gradient became {loss_value}")
-        scaler.step(opt)  # skipped when fp16 gradients overflowed; the scale then shrinks
-        scaler.update()
-        hidden = _detach(hidden)
-        step += 1
-        losses.append(loss_value / world.size)
-        dt = time.perf_counter() - t0
-        elapsed += dt
-        window_chars += x.numel() * chars_per_token * world.size  # the whole job's speed
-        window_time += dt
-        cps = window_chars / window_time if window_time else 0.0
-        emit("step", {"step": step, "total_steps": total_steps, "train_loss": losses[-1], "chars_per_sec": cps,
-                      "elapsed": elapsed, "progress": progress_now()})
-        if stop_now:
-            stop_reason = "interrupted"
-            break
-        if step % config.eval_every == 0:
-            t0 = time.perf_counter()
-            record = evaluate_now(sum(losses[-20:]) / len(losses[-20:]), cps)
-            elapsed += time.perf_counter() - t0
-            last_eval_step = step
-            checkpoint()
-            emit("eval", record)
-            window_chars, window_time = 0, 0.0
-    if stop_reason != "interrupted" and last_eval_step != step and losses:
-        emit("eval", evaluate_now(sum(losses[-20:]) / len(losses[-20:]), 0.0))
-    checkpoint()
-    world.barrier()
-    if not world.main:
-        return TrainResult(out_dir, step, stop_reason, None, None)
-    best_loss = best if val_chars and best < math.inf else None
-    best_bpc = None
-    if best_loss is not None:
-        best_bpc = best_loss / val_chars_per_token / math.log(2)
-    meta = read_config(out_dir)
-    meta["result"] = {"steps": step, "stop_reason": stop_reason, "best_val_loss": best_loss,
-                      "best_val_bpc": best_bpc, "train_seconds": round(elapsed, 1)}
-    if stop_reason != "interrupted" and best_loss is not None:
-        emit("info", {"message": "fitting song memory on the validation songs"})
-        mix, figures = _fit_song_memory(out_dir, dev, val_ids, val_chars_per_token, amp)
-        meta["song_memory"] = mix.to_dict()
-        meta["result"].update(figures)
-    write_config(out_dir, meta)
-    result = TrainResult(out_dir, step, stop_reason, best_loss, best_bpc, meta["result"].get("val_bpc"),
-                         meta["result"].get("val_bpc_base"))
-    emit("done", {"steps": step, "stop_reason": stop_reason, "best_val_bpc": best_bpc, "val_bpc": result.val_bpc})
-    return result
+            raise self.diverged(f"the loss or its gradient became {loss_value}")
+        self.scaler.step(self.opt)  # skipped when fp16 gradients overflowed; the scale then shrinks
+        self.scaler.update()
+        self.hidden = _detach(hidden)
+        self.step += 1
+        self.losses.append(loss_value / self.world.size)
+        seconds = time.perf_counter() - t0
+        self.elapsed += seconds
+        return bool(stop_now), seconds, x.numel()
+
+    def validate(self, chars_per_sec: float) -> dict[str, Any]:
+        """Score the held-out tokens; keep the weights when they are the best so far; log a metrics line."""
+        t0 = time.perf_counter()
+        world, model = self.world, self.model
+        train_loss = sum(self.losses[-20:]) / len(self.losses[-20:])
+        record: dict[str, Any] = {"step": self.step, "epoch": round(self.step / self.batches.windows_per_epoch, 3),
+                                  "elapsed": round(self.elapsed, 1), "train_loss": round(train_loss, 4),
+                                  "lr": self.opt.param_groups[0]["lr"], "chars_per_sec": round(chars_per_sec)}
+        if self.val_chars:
+            nats, n = world.sum(list(sum_nll(model, _share(self.val_ids, world), amp=self.amp)))
+            val_loss = nats / n
+            record.update(val_loss=round(val_loss, 4),
+                          val_bpc=round(val_loss / self.val_chars_per_token / math.log(2), 4))
+        else:  # no held-out text: the latest weights are the best we know
+            val_loss = -self.step
+        if not math.isfinite(val_loss):
+            raise self.diverged(f"the validation loss became {val_loss}")
+        if val_loss < self.best - 1e-4:  # a real improvement, not float noise
+            self.best, self.bad_evals = val_loss, 0
+            if world.main:
+                save_weights(self.work, model)
+            record["saved"] = True
+        else:
+            self.bad_evals += 1
+            if self.config.lr_schedule == "plateau" and self.bad_evals % 2 == 0:
+                self.plateau_scale *= 0.5
+        if world.main:
+            append_line(self.work / METRICS_FILE, json.dumps(record, allow_nan=False))
+            record["preview"] = _preview(model, self.tokenizer, self.config.seed + self.step)
+            model.train()
+        self.elapsed += time.perf_counter() - t0
+        return record
+
+    def checkpoint(self) -> None:
+        """Save everything --resume needs; a fresh run's first save moves its files into place."""
+        hidden = self.hidden
+        parts = () if hidden is None else hidden if isinstance(hidden, tuple) else (hidden,)
+        gathered = [self.world.gather_rows(t) for t in parts]
+        if not self.world.main:
+            return
+        model = self.model
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise self.diverged("the weights became nan or inf")
+        if not (self.work / WEIGHTS_FILE).exists():  # no validation yet: the latest weights are the best we know
+            save_weights(self.work, model)
+        save_trainer_state(self.work, {
+            "model": model.state_dict(), "optimizer": self.opt.state_dict(),
+            "position": {"epoch": self.batches.pos.epoch, "window": self.batches.pos.window},
+            "step": self.step, "elapsed": self.elapsed, "best": self.best, "bad_evals": self.bad_evals,
+            "plateau_scale": self.plateau_scale, "rng": torch.get_rng_state(), "scaler": self.scaler.state_dict(),
+            "hidden": gathered,  # (layers, global batch, hidden): the same layout for any number of processes
+        })
+        if self.work != self.out_dir:  # the first complete save of a fresh run: it replaces what out_dir held
+            commit(self.out_dir)
+            self.work = self.out_dir
+        self.saved_step = self.step
+
+    def finish(self, stop_reason: str) -> TrainResult:
+        """Record the result in config.json and fit the song-memory weights with the best weights."""
+        out_dir, step = self.out_dir, self.step
+        if not self.world.main:
+            return TrainResult(out_dir, step, stop_reason, None, None)
+        best_loss = self.best if self.val_chars and self.best < math.inf else None
+        best_bpc = None if best_loss is None else best_loss / self.val_chars_per_token / math.log(2)
+        meta = read_config(out_dir)
+        meta["result"] = {"steps": step, "stop_reason": stop_reason, "best_val_loss": best_loss,
+                          "best_val_bpc": best_bpc, "train_seconds": round(self.elapsed, 1),
+                          "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        if stop_reason != "interrupted" and best_loss is not None:
+            self.emit("info", {"message": "fitting song memory on the validation songs"})
+            mix, figures = _fit_song_memory(out_dir, self.dev, self.val_ids, self.val_chars_per_token, self.amp)
+            meta["song_memory"] = mix.to_dict()
+            meta["result"].update(figures)
+        write_config(out_dir, meta)
+        result = TrainResult(out_dir, step, stop_reason, best_loss, best_bpc, meta["result"].get("val_bpc"),
+                             meta["result"].get("val_bpc_base"))
+        self.emit("done", {"steps": step, "stop_reason": stop_reason, "best_val_bpc": best_bpc,
+                           "val_bpc": result.val_bpc})
+        return result
+
+    def progress(self) -> float:
+        """The share of the step or time budget done (for the schedule and the progress bar)."""
+        if self.total_steps:
+            return self.step / self.total_steps
+        return self.elapsed / self.config.time_limit if self.config.time_limit else 0.0
+
+    def diverged(self, what: str) -> Diverged:
+        kept = f"the checkpoint of step {self.saved_step} is kept" if self.saved_step is not None else "nothing was saved"
+        return Diverged(f"training diverged after step {self.step}: {what}; {kept}. Lower --lr "
+                        f"(now {self.config.lr:g}) or --grad-clip and train again")
+
+
+class _Speed:
+    """Characters per second since the last validation."""
+
+    def __init__(self) -> None:
+        self.chars, self.seconds = 0.0, 0.0
+
+    def add(self, chars: float, seconds: float) -> None:
+        self.chars += chars
+        self.seconds += seconds
+
+    @property
+    def rate(self) -> float:
+        return self.chars / self.seconds if self.seconds else 0.0
 
 
 def _write_index(out_dir: Path, corpus: Corpus | CorpusFiles, size: int, emit: ProgressFn,

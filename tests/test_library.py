@@ -176,7 +176,8 @@ def test_models_lists_home_models_and_the_bundled_one(runner, trained_dir, model
     mine = records["mine"]
     assert mine["network"] == "2x32 lstm" and mine["corpus"] == "songs.txt" and mine["tokenizer"] == "char"
     assert mine["val_bpc"] > 0 and mine["size_bytes"] > (model_home / "mine" / "model.safetensors").stat().st_size
-    assert mine["trained"].startswith("20") and not mine["bundled"]
+    assert mine["trained"] == json.loads((trained_dir / "config.json").read_text())["result"]["finished"]
+    assert not mine["bundled"]
     assert records["songci"]["bundled"]
     table = runner.invoke(app, ["models"])
     assert table.exit_code == 0 and "mine" in table.stdout and "songci" in table.stdout
