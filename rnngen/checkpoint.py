@@ -369,4 +369,3 @@ def _dtype_name(code: str) -> str:
         if code.startswith(short) and code[len(short):][:1].isdigit():
             return name + code[len(short):]
     return code
-from rnngen.home import resolve_model  # TEMPORARY re-export while helpers work; remove
