@@ -43,10 +43,18 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
 Cell, TokenizerKind, SpmType = _choices("Cell", RNN_TYPES), _choices("TokenizerKind", TOKENIZERS), _choices("SpmType", SPM_MODEL_TYPES)
 Schedule, Device, Precision = _choices("Schedule", LR_SCHEDULES), _choices("Device", DEVICES), _choices("Precision", PRECISIONS)
 
+def _model_names(incomplete: str) -> list[str]:
+    """Shell completion for --model: the names of the models there are."""
+    from rnngen.home import all_models
+
+    return [name for name, _ in all_models() if name.startswith(incomplete)]
+
+
 # options several commands share: one default and one help text
 ModelOption = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="A model's name in the model home (see 'rnngen models'), 'songci' (bundled), or a directory path. "
-                          "Default: the most recently trained, else the bundled one.")]
+    "--model", "-m", autocompletion=_model_names,
+    help="A model's name in the model home (see 'rnngen models'), 'songci' (bundled), or a directory path. "
+         "Default: the most recently trained, else the bundled one.")]
 DeviceOption = Annotated[Device, typer.Option(
     "--device", help="auto (a CUDA or MPS GPU when there is one, else the CPU), cpu, cuda or mps.")]
 PrecisionOption = Annotated[Precision, typer.Option(
@@ -551,7 +559,7 @@ def _bytes(n: int) -> str:
 
 @app.command()
 def info(
-    name: str = typer.Argument(..., metavar="NAME", help="A model's name (see 'rnngen models') or directory."),
+    name: str = typer.Argument(..., metavar="NAME", autocompletion=_model_names, help="A model's name (see 'rnngen models') or directory."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
     """Show one model in full: network, tokenizer, training settings, corpus, result and files."""
@@ -578,7 +586,7 @@ def info(
 
 @app.command()
 def rm(
-    name: str = typer.Argument(..., metavar="NAME", help="The model's name in the model home (see 'rnngen models')."),
+    name: str = typer.Argument(..., metavar="NAME", autocompletion=_model_names, help="The model's name in the model home (see 'rnngen models')."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
 ) -> None:
     """Remove a model from the model home (only the files rnngen wrote)."""
@@ -600,7 +608,7 @@ def rm(
 
 @app.command()
 def export(
-    name: str = typer.Argument(..., metavar="NAME", help="A model's name (see 'rnngen models') or directory."),
+    name: str = typer.Argument(..., metavar="NAME", autocompletion=_model_names, help="A model's name (see 'rnngen models') or directory."),
     out: Path = typer.Option(..., "--out", "-o", help="A new directory to write the copy into."),
     dtype: str = typer.Option("fp16", "--dtype", help="Weights as fp16 (half the size) or fp32 (bit-identical samples)."),
     with_index: bool = typer.Option(False, "--with-index", help="Include the copy-check index, so --max-copy and --json's copy figures work."),
@@ -621,7 +629,7 @@ def export(
 
 @app.command()
 def plot(
-    names: List[str] = typer.Argument(..., metavar="NAME...", help="Models whose training curves to draw (several compare runs)."),
+    names: List[str] = typer.Argument(..., metavar="NAME...", autocompletion=_model_names, help="Models whose training curves to draw (several compare runs)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write a PNG here (needs the extra: pip install 'rnngen[plot]'). Default: a text chart on the terminal."),
 ) -> None:
     """Draw training loss and validation bits/char from each model's metrics.jsonl."""
@@ -662,4 +670,4 @@ def serve(
 
 
 def main() -> None:
-    app()
+    app(prog_name="rnngen")  # also under `python -m rnngen`: the same help, hints and completion

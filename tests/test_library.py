@@ -269,3 +269,22 @@ def test_interactive_answers_draw_fresh_randomness(trained_dir):
     assert [a["seed"] for a in first] == ["春", "春"] and [a["random_seed"] for a in first] == [5, 6]
     assert first[0]["text"] != first[1]["text"]  # the same seed text, different lyrics
     assert session() == first  # a seeded session repeats as a whole
+
+
+# ---- shell completion ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("words, offered", [
+    ("rnngen train x.txt --rnn-type ", ["lstm", "gru", "rnn"]),
+    ("rnngen sample --precision ", ["auto", "fp32", "bf16", "fp16"]),
+    ("rnngen sample --model ", ["mine", "songci"]),
+    ("rnngen info m", ["mine"]),
+])
+def test_shell_completion_offers_choices_and_model_names(trained_dir, model_home, words, offered):
+    import shutil
+
+    shutil.copytree(trained_dir, model_home / "mine")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "_RNNGEN_COMPLETE": "complete_bash", "COMP_WORDS": words,
+           "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
+    run = subprocess.run([sys.executable, "-m", "rnngen"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.stdout.split() == offered, run.stderr
