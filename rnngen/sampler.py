@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -11,10 +10,17 @@ from rnngen.config import SamplingSettings
 from rnngen.model import RNNLM
 
 
-def choose(logits: torch.Tensor, s: SamplingSettings, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (batch, vocab) -> token ids (batch,)."""
+def is_greedy(s: SamplingSettings) -> bool:
+    """A temperature of 0, or so small that float32 reads it as 0: always the likeliest, no random draw."""
+    return s.temperature < torch.finfo(torch.float32).tiny
+
+
+def choose(logits: torch.Tensor, s: SamplingSettings, generator: torch.Generator | None = None,
+           race: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (batch, vocab) -> token ids (batch,). `race`: the (batch, vocab) Exp(1) draws to use
+    (rows drawn from generators of their own), else they are drawn from `generator`."""
     logits = logits.float()
-    if s.temperature < torch.finfo(logits.dtype).tiny:  # 0, or so small that float32 would read it as 0
+    if is_greedy(s):
         return logits.argmax(-1)
     # the best token at 0 first: a tiny temperature then sends the others to -inf (greedy), never to inf/nan
     logits = (logits - logits.amax(-1, keepdim=True)) / s.temperature
@@ -29,7 +35,8 @@ def choose(logits: torch.Tensor, s: SamplingSettings, generator: torch.Generator
     # exact sampling by an exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with
     # probability p_i, several times cheaper per token than torch.multinomial
     probs = logits.softmax(-1)
-    race = torch.empty_like(probs).exponential_(generator=generator)
+    if race is None:
+        race = torch.empty_like(probs).exponential_(generator=generator)
     return probs.div_(race).argmax(-1)
 
 
@@ -76,7 +83,7 @@ def generate_ids(
             logits = constraint.mask(logits)
         ids = choose(logits, settings, generator)
         if guard is not None:
-            ids = _back_off(guard, logits, ids, settings, generator)
+            ids = back_off(guard, logits, ids, settings, generator)
         if constraint is not None:
             constraint.update(ids)
         if mixer is not None:
@@ -85,7 +92,7 @@ def generate_ids(
         logits, state = model.step(ids, state)
 
 
-def _back_off(guard, logits: torch.Tensor, ids: torch.Tensor, settings: SamplingSettings,
+def back_off(guard, logits: torch.Tensor, ids: torch.Tensor, settings: SamplingSettings,
               generator: torch.Generator | None) -> torch.Tensor:
     """Redraw each stream's token until the guard allows it (logits (batch, vocab) are consumed)."""
     first = ids.tolist()

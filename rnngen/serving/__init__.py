@@ -1,0 +1,1 @@
+"""Serving models over HTTP: the batching engine (engine.py) and the OpenAI completions protocol (protocol.py)."""
