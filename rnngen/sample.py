@@ -97,6 +97,45 @@ def make_request(
     return request
 
 
+class Writer:
+    """One sample's text as its tokens come: each token's characters, up to the length asked for,
+    until its songs (or, with stop_at_end, its song) or its lines are done. An end of song right
+    after another (an empty song) is no song: the model simply starts the next one."""
+
+    def __init__(self, request: SampleRequest, tokenizer) -> None:
+        self.remaining = request.length  # characters still to write
+        self.songs_left = request.songs or 0
+        self.ends_songs = bool(request.stop_at_end or request.songs)
+        self.stop_at_end = request.stop_at_end
+        self.eos_id = tokenizer.eos_id
+        self.decoder = tokenizer.stream_decoder()
+        self.song_chars = len(request.seed_text)  # the seed begins the first song
+        self.done = False
+
+    def push(self, token: int, lines_done: bool = False) -> str:
+        """The text `token` adds; `lines_done`: the line structure has written its last line."""
+        if self.done:
+            return ""
+        if token == self.eos_id:
+            if self.song_chars == 0:
+                return ""
+            self.song_chars = 0
+            if self.ends_songs:
+                self.songs_left -= 1
+                if self.stop_at_end or self.songs_left <= 0:
+                    self.done = True
+                    return ""
+        if lines_done:  # the line break that ended the last line is not part of the text
+            self.done = True
+            return ""
+        text = self.decoder.push(token)[: self.remaining]
+        self.remaining -= len(text)
+        if token != self.eos_id:
+            self.song_chars += len(text)
+        self.done = self.remaining <= 0
+        return text
+
+
 def resolve_seed(request: SampleRequest) -> int:
     if request.random_seed is None:
         request.random_seed = secrets.randbits(31)
@@ -127,9 +166,7 @@ def generate(loaded: LoadedModel, request: SampleRequest, index: CorpusIndex | N
             raise UsageError(f"{loaded.directory} has no copy-check index (novelty.safetensors), so --max-copy "
                              "cannot be checked; models trained by this version of rnngen have one")
         guard = CopyGuard(index, request.max_copy, token_pieces(tok), n, context=request.seed_text)
-    decoders = [tok.stream_decoder() for _ in range(n)]
-    remaining = [request.length] * n
-    songs_left = [request.songs or 0] * n
+    writers = [Writer(request, tok) for _ in range(n)]
     if request.seed_text:
         for i in range(n):
             yield i, request.seed_text
@@ -144,21 +181,10 @@ def generate(loaded: LoadedModel, request: SampleRequest, index: CorpusIndex | N
     try:
         for ids in steps:
             for i, token in enumerate(ids.tolist()):
-                if remaining[i] <= 0:
-                    continue
-                if token == tok.eos_id and (request.stop_at_end or request.songs):
-                    songs_left[i] -= 1
-                    if request.stop_at_end or songs_left[i] <= 0:
-                        remaining[i] = 0
-                        continue
-                if constraint is not None and constraint.done(i):
-                    remaining[i] = 0  # the line break that ended the last line is not part of the text
-                    continue
-                text = decoders[i].push(token)[: remaining[i]]
-                remaining[i] -= len(text)
+                text = writers[i].push(token, constraint is not None and constraint.done(i))
                 if text:
                     yield i, text
-            if max(remaining) <= 0:
+            if all(w.done for w in writers):
                 return
     finally:  # also when the reader stops early (a closed pipe)
         if guard is not None:

@@ -65,10 +65,23 @@ def test_everything_together(runner, trained_dir):
     assert rhyme_keys(lines[0][-1], trained_dir) & rhyme_keys(lines[1][-1], trained_dir)
 
 
-def test_songs(runner, trained_dir):
-    result = sample(runner, trained_dir, "--songs", "2")
+@pytest.mark.parametrize("seed", ["1", "2", "3", "4"])
+def test_songs_are_whole_and_never_empty(runner, trained_dir, seed):
+    result = runner.invoke(app, ["sample", "--model", str(trained_dir), "--random-seed", seed, "--songs", "2"])
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.strip("\n").count("\n\n") == 1
+    songs = result.stdout.removesuffix("\n").split("\n\n")
+    assert len(songs) == 2 and all(song.strip() for song in songs), result.stdout
+
+
+def test_an_empty_song_is_skipped_not_counted():
+    from rnngen.sample import Writer, make_request
+    from rnngen.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.train(["ab"])
+    a, b, eos = tok.stoi["a"], tok.stoi["b"], tok.eos_id
+    writer = Writer(make_request(songs=2), tok)
+    out = [writer.push(t) for t in (eos, eos, a, eos, eos, b, eos)]
+    assert "".join(out) == "a" + tok.stream_decoder().push(eos) + "b" and writer.done
 
 
 @pytest.mark.parametrize("args,words", [

@@ -10,9 +10,7 @@ handed to the worker (`Engine.submit`). The worker loops over steps; at each ste
   torch.Generator), so what it writes depends on its own seed and settings only;
 - streams that are done leave; the rest advance with one batched step of the network (their
   hidden states are rows of one (layers, batch, hidden) state).
-The text each stream made in the step goes to its sink, called once per step and sink. While the
-network steps, a helper thread already draws each stream's random numbers for the next token (they
-depend on the stream's generator only), so a second core takes a quarter of the work.
+The text each stream made in the step goes to its sink, called once per step and sink.
 
 The same seed gives the same text whatever else is in the batch: every per-stream part is
 per-row, and the batched step gives each row the same numbers at any batch size of 2 or more (a
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
@@ -33,7 +30,7 @@ from rnngen.constraints import LyricsConstraint
 from rnngen.errors import UsageError
 from rnngen.memory import Mixer
 from rnngen.novelty import CopyGuard, CorpusIndex, token_pieces
-from rnngen.sample import SampleRequest, resolve_seed
+from rnngen.sample import SampleRequest, Writer, resolve_seed
 from rnngen.sampler import SamplingSettings, back_off, choose, is_greedy
 
 log = logging.getLogger("rnngen.server")
@@ -74,42 +71,26 @@ class Stream:
                                engine.newline_id)
             for token in self.prompt:
                 self.mixer.push([token])
-        self.decoder = tok.stream_decoder()
-        self.remaining = request.length
-        self.songs_left = request.songs or 0
+        self.writer = Writer(request, tok)
         self.max_steps = request.length * 4 + 8  # a byte-fallback token can carry a quarter of a character
         self.steps = 0  # tokens sampled
         self.held = ""  # text kept back while it may be the start of a stop sequence
         self.finish: str | None = None
         self.cancelled = False  # set from any thread; the worker drops the stream at its next step
-        self.race: tuple[Future, int] | None = None  # the next step's exponential race, being drawn
-
-    def drawn(self) -> torch.Tensor | None:
-        """The exponential race drawn ahead for this step (None: draw it now)."""
-        if self.race is None:
-            return None
-        (future, i), self.race = self.race, None
-        return future.result()[i]
 
     def cancel(self) -> None:
         self.cancelled = True
 
     # ---- on the worker thread ------------------------------------------------------------------
 
-    def take(self, token: int, eos_id: int) -> str:
+    def take(self, token: int) -> str:
         """Account for a sampled token as sample.generate does; returns the text it adds (and may finish)."""
-        r = self.request
         self.steps += 1
-        if token == eos_id and (r.stop_at_end or r.songs):
-            self.songs_left -= 1
-            if r.stop_at_end or self.songs_left <= 0:
-                return self._end("stop")
-        if self.constraint is not None and self.constraint.done(0):
-            return self._end("stop")  # the line break that ended the last line is not part of the text
-        text = self.decoder.push(token)[: self.remaining]
-        self.remaining -= len(text)
-        text = self._unless_stopped(text)
-        if self.finish is None and (self.remaining <= 0 or self.steps >= self.max_steps):
+        writer = self.writer
+        text = self._unless_stopped(writer.push(token, self.constraint is not None and self.constraint.done(0)))
+        if self.finish is None and writer.done:
+            text += self._end("length" if writer.remaining <= 0 else "stop")
+        elif self.finish is None and self.steps >= self.max_steps:
             text += self._end("length")
         return text
 
@@ -155,7 +136,6 @@ class Engine:
                                           self.newline_id) for memory in (True, False)}
         self._pieces: list[str] | None = None
         self._lock = threading.Lock()  # the copy-check index and token pieces, loaded on first use
-        self._draws = ThreadPoolExecutor(1, thread_name_prefix=f"rnngen-draws-{self.name}")  # see _draw_ahead
         self._cond = threading.Condition()
         self._pending: list[Stream] = []
         self._closing: str | None = None  # the finish reason streams get when the engine closes
@@ -217,7 +197,6 @@ class Engine:
                         events.append((s, s._end(closing), closing))
                     self._send(events)
                     self.active = 0
-                    self._draws.shutdown(wait=False)
                     return
                 events: list[Event] = []
                 try:
@@ -234,7 +213,7 @@ class Engine:
 
     def _step(self, rows: list[Stream], logits, state, joining: list[Stream], events: list[Event]):
         """One step: leave, join, pick a token per stream, then one batched network step."""
-        model, eos = self.loaded.model, self.loaded.tokenizer.eos_id
+        model = self.loaded.model
         keep = [i for i, s in enumerate(rows) if not s.cancelled]
         if not keep:
             rows, logits, state = [], None, None
@@ -251,7 +230,7 @@ class Engine:
             return [], None, None
         tokens = self._pick(rows, logits)
         for s, token in zip(rows, tokens):
-            text = s.take(token, eos)
+            text = s.take(token)
             if text or s.finish is not None:
                 events.append((s, text, s.finish))
         keep = [j for j, s in enumerate(rows) if s.finish is None]
@@ -260,7 +239,6 @@ class Engine:
         if len(keep) < len(rows):
             rows, logits, state = self._select(rows, logits, state, keep)
             tokens = [tokens[j] for j in keep]
-        self._draw_ahead(rows)
         ids = torch.tensor(tokens, device=self.device)
         if len(rows) == 1:  # padded to two rows: see the module docstring
             logits, state = model.step(ids.repeat(2), self._cat(state, state))
@@ -283,7 +261,7 @@ class Engine:
         for members in groups.values():
             idx = torch.tensor(members, dtype=torch.long, device=self.device)
             chosen = choose_rows(logits.index_select(0, idx), rows[members[0]].request.settings,
-                                 [rows[j].generator for j in members], [rows[j].drawn() for j in members])
+                                 [rows[j].generator for j in members])
             ids.index_copy_(0, idx, chosen)
         tokens = ids.tolist()
         for j, s in enumerate(rows):
@@ -295,17 +273,6 @@ class Engine:
             if s.mixer is not None:
                 s.mixer.push([tokens[j]])
         return tokens
-
-    def _draw_ahead(self, rows: list[Stream]) -> None:
-        """Draw each stream's next exponential race (see choose_rows) on the helper thread while this
-        thread steps the network: the race depends on the stream's generator only, and drawing it is a
-        quarter of a batch's work. Not for a stream whose generator is also drawn from by copy-check
-        redraws, nor for a lone stream (handing the work over would cost more than it saves)."""
-        ahead = [s for s in rows if s.guard is None and not is_greedy(s.request.settings)]
-        if len(rows) > 1 and ahead:
-            future = self._draws.submit(_races, [s.generator for s in ahead], self.ban.numel())
-            for i, s in enumerate(ahead):
-                s.race = (future, i)
 
     def _mix(self, rows: list[Stream], logits: torch.Tensor) -> torch.Tensor:
         """memory.Mixer over the batch: one call per song-memory setting, each row with its own
@@ -359,25 +326,10 @@ class Engine:
                 log.debug("a sink refused events", exc_info=True)
 
 
-def choose_rows(logits: torch.Tensor, s: SamplingSettings, generators: list[torch.Generator],
-                races: list[torch.Tensor | None]) -> torch.Tensor:
-    """sampler.choose for rows that share settings but each draw from their own generator:
-    row j gets exactly the token choose(logits[j : j + 1], s, generators[j]) would give. races[j],
-    when given, is the exponential race already drawn from generators[j] (see Engine._draw_ahead)."""
+def choose_rows(logits: torch.Tensor, s: SamplingSettings, generators: list[torch.Generator]) -> torch.Tensor:
+    """sampler.choose for rows that share settings but each draw from their own generator: row j
+    gets exactly the token choose(logits[j : j + 1], s, generators[j]) would give."""
     if is_greedy(s):
         return choose(logits, s)
-    race = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-    for row, generator, ready in zip(race, generators, races):  # choose()'s exponential race, per row
-        if ready is None:
-            row.exponential_(generator=generator)
-        else:
-            row.copy_(ready)
-    return choose(logits, s, race=race)
-
-
-def _races(generators: list[torch.Generator], vocab_size: int) -> torch.Tensor:
-    """(len(generators), vocab) exponential races, row i drawn from generators[i] as choose() draws it."""
-    race = torch.empty(len(generators), vocab_size)
-    for row, generator in zip(race, generators):
-        row.exponential_(generator=generator)
-    return race
+    uniform = torch.cat([torch.rand(1, 1, generator=g, device=logits.device) for g in generators])
+    return choose(logits, s, uniform=uniform)
