@@ -647,10 +647,10 @@ def plot(
 
 @app.command()
 def serve(
-    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="Model to serve (repeat for several). Default: the most recently trained, else the bundled one."),
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", autocompletion=_model_names, help="Model to serve, by name or path (repeat for several). Default: the most recently trained, else the bundled one."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on every API request (/v1/...; the page and /health stay open)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RNNGEN_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on every API request (/v1/...; the page and /health stay open)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most characters one choice may ask for (max_tokens); also the length with lines, songs or an acrostic. [default: 4000]"),
     max_n: Optional[int] = typer.Option(None, "--max-n", help="Most choices in one request (n times the prompts). [default: 16]"),
     max_prompt: Optional[int] = typer.Option(None, "--max-prompt", help="Most characters in a prompt. [default: 4000]"),

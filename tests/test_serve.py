@@ -261,6 +261,16 @@ def test_wrong_or_missing_key_is_401_but_page_and_health_are_open(server):
     assert server.health()["status"] == "ok"
 
 
+def test_the_key_can_come_from_the_environment(trained_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNGEN_API_KEY", "from-env")  # kept out of `ps` and shell history
+    s = Server(trained_dir, tmp_path)
+    try:
+        assert s.post({"prompt": "a", "max_tokens": 3}, key="from-env").status_code == 200
+        assert s.post({"prompt": "a", "max_tokens": 3}, key=KEY).status_code == 401
+    finally:
+        s.stop()
+
+
 def test_unknown_path_and_method(server):
     for response in (httpx.get(server.url + "/nope", timeout=10),
                      httpx.get(server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)):
