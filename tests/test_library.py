@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import rnngen
 from rnngen.cli import app
-from tests.conftest import TINY_FLAGS, make_songs
+from conftest import TINY_FLAGS, make_songs
 
 ROOT = Path(__file__).resolve().parents[1]
 
