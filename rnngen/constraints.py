@@ -84,6 +84,8 @@ class LyricsConstraint:
         self.newline = tokenizer.stoi.get("\n", -1) if isinstance(tokenizer, CharTokenizer) else -1
         # punctuation and spaces do not count towards a line's length (7 characters means 7 words)
         self.uncounted = torch.tensor([_uncounted(t) for t in tokenizer.itos]) if s.shapes_lines else None
+        # what may follow a full line's last character: a punctuation mark, not a symbol such as □
+        self.closing = torch.tensor([_punctuation(t) for t in tokenizer.itos]) if s.shapes_lines else None
         self.line = [0] * batch
         self.col = [0] * batch
         self.last = [-1] * batch
@@ -120,7 +122,7 @@ class LyricsConstraint:
                 if after_mark:
                     _force(logits[b], self.newline)
                 else:  # the line is full: end it, perhaps after one punctuation mark
-                    keep = self.uncounted.clone()
+                    keep = self.closing.clone()
                     keep[self.newline] = True
                     logits[b].masked_fill_(~keep, _NEG)
             else:
@@ -166,6 +168,12 @@ def _uncounted(token: str) -> bool:
     import unicodedata
 
     return len(token) == 1 and token != "\n" and unicodedata.category(token)[0] in "PZS"
+
+
+def _punctuation(token: str) -> bool:
+    import unicodedata
+
+    return len(token) == 1 and unicodedata.category(token)[0] == "P"
 
 
 def _force(row: torch.Tensor, token: int) -> None:

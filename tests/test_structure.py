@@ -96,3 +96,18 @@ def test_impossible_structure_requests(runner, trained_dir, args, words):
     assert result.exit_code == 2, result.stderr
     line = result.stderr.strip()
     assert line.startswith("Error:") and "\n" not in line and all(w in line for w in words)
+
+
+def test_a_full_line_may_end_with_punctuation_but_not_a_symbol():
+    """songci marks lost characters with □ (a symbol): it must not close a line as if it were a mark."""
+    import torch
+
+    from rnngen.constraints import LyricsConstraint, Structure
+    from rnngen.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.train(["春风□。\n月 光，"])
+    rules = LyricsConstraint(Structure(line_lengths=[2]), tok, 1)
+    for ch in "春风":
+        rules.update(torch.tensor([tok.stoi[ch]]))
+    allowed = {tok.itos[i] for i in torch.nonzero(rules.mask(torch.zeros(1, tok.vocab_size))[0] > -1e9).flatten().tolist()}
+    assert allowed == {"。", "，", "\n"}
