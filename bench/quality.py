@@ -168,7 +168,7 @@ def measure(a, work: Path) -> None:
     limit = ["--time-limit", a.time_limit] if a.time_limit else []
     proc, wall = run([*rnn, "train", str(train), "--out", str(model), *limit, *threads])
     checked(proc)
-    scores = json.loads(checked(run([*rnn, "evaluate", str(val), "--model", str(model), "--json", *threads])[0])
+    scores = json.loads(checked(run([*rnn, "evaluate", str(val), "--model", str(model), "--json", "--precision", "fp32", *threads])[0])
                         .strip().splitlines()[-1])
 
     ref, ref_minutes = {}, a.ref_minutes if a.ref_minutes is not None else wall / 60

@@ -22,7 +22,7 @@ from rnngen.errors import ModelError, UsageError
 from rnngen.files import atomic_write, fsync_dir
 from rnngen.memory import Mixture
 from rnngen.model import RNNLM
-from rnngen.layout import (COMPLETE_MARK, CONFIG_FILE, FORMAT_VERSION, LOCK_FILE, METRICS_FILE, MODEL_FILES,
+from rnngen.layout import (COMPLETE_MARK, CONFIG_FILE, FORMAT_VERSION, LOCK_FILE, MODEL_FILES,
                            STAGING_DIR, TOKENS_DIR, TRAINER_FILE, WEIGHTS_FILE)
 from rnngen.ngram import KneserNey
 from rnngen.tokenizer import Tokenizer, load_tokenizer

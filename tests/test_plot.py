@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rnngen.checkpoint import METRICS_FILE
+from rnngen.layout import METRICS_FILE
 from rnngen.cli import app
 from rnngen.plot import CHART_HEIGHT, DPI, FIGSIZE, plot_runs
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from rnngen.checkpoint import CONFIG_FILE, LOCK_FILE, METRICS_FILE, TRAINER_FILE, WEIGHTS_FILE
+from rnngen.layout import CONFIG_FILE, LOCK_FILE, METRICS_FILE, TRAINER_FILE, WEIGHTS_FILE
 from rnngen.config import TrainConfig
 from rnngen.data import read_corpus
 from rnngen.novelty import CorpusIndex
