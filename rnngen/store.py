@@ -119,8 +119,11 @@ def export(directory: Path, out: Path, dtype: str = "fp16", index: bool = False)
                 atomic_write(out / name, (directory / name).read_bytes())
         if index and not (directory / INDEX_FILE).is_file():
             raise ModelError(f"{directory} has no copy-check index ({INDEX_FILE}) to export")
-        meta["exported"] = {"from": str(directory), "dtype": dtype,
+        meta["exported"] = {"from": directory.name, "dtype": dtype,  # names only: a shared copy tells no paths
                             "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        for key in ("corpus", "fine_tuned_from_corpus"):
+            if isinstance(meta.get(key), dict):
+                meta[key]["sources"] = [Path(s).name for s in meta[key].get("sources") or []]
         write_config(out, meta)
     except (OSError, ValueError) as exc:
         _undo(out, created)

@@ -224,6 +224,9 @@ def test_fp32_export_samples_identically_and_is_slim(runner, trained_dir, tmp_pa
     names = sorted(p.name for p in out.iterdir())
     assert "trainer.pt" not in names and "tokens" not in names and "novelty.safetensors" not in names
     assert {"config.json", "model.safetensors", "vocab.json", "ngram.safetensors"} <= set(names)
+    shared = (out / "config.json").read_text(encoding="utf-8")
+    assert str(trained_dir.parent) not in shared  # no paths of the author's machine in a copy to share
+    assert json.loads(shared)["exported"]["from"] == trained_dir.name
     args = ["sample", "--seed", "月", "--length", "60", "--random-seed", "11", "--device", "cpu", "--precision", "fp32"]
     original = runner.invoke(app, [*args, "--model", str(trained_dir)])
     exported = runner.invoke(app, [*args, "--model", str(out)])
