@@ -8,6 +8,7 @@ and `data: [DONE]`), closes the server, and exits 130 / 143.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -96,7 +97,8 @@ def _listen(host: str, port: int) -> socket.socket:
     except (OSError, UnicodeError) as exc:
         raise UsageError(f"cannot listen on {host!r}: {getattr(exc, 'strerror', None) or exc}") from None
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if os.name != "nt":  # on Windows SO_REUSEADDR would let another server take the same port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)
     except OSError as exc:
