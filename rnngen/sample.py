@@ -142,6 +142,48 @@ def resolve_seed(request: SampleRequest) -> int:
     return request.random_seed
 
 
+@dataclass
+class Prepared:
+    """What sampling a request needs beside the network, for `batch` samples of it."""
+
+    prompt: list[int]  # [end of song, *seed]: a seed starts a song
+    constraint: LyricsConstraint | None  # lines, line lengths, acrostic, rhyme, repetition penalty
+    guard: CopyGuard | None  # max_copy
+    mixer: Mixer | None  # the network mixed with the n-gram and song memory (not yet fed the prompt)
+    writers: list[Writer]  # each sample's text
+    max_tokens: int  # a bound on the tokens sampled
+
+
+def prepare(loaded: LoadedModel, request: SampleRequest, index: CorpusIndex | None, batch: int,
+            mixture=None, pieces: list[str] | None = None) -> Prepared:
+    """The per-request parts of sampling, checked (sample.generate and the server's engine share them).
+
+    `mixture` and `pieces` (the token texts) may be given when already at hand; `index` (the
+    model's training text) is needed for request.max_copy."""
+    tok = loaded.tokenizer
+    request.validate(tok.vocab_size)
+    seed_ids = tok.encode(request.seed_text)
+    constraint = LyricsConstraint(request.structure, tok, batch) if request.structure.active else None
+    if constraint is not None:
+        for token in seed_ids:  # the seed's characters count towards the first line
+            constraint.update(torch.tensor([token] * batch))
+    guard = None
+    if request.max_copy is not None:
+        if index is None:
+            raise UsageError(f"model {loaded.directory.name!r} has no copy-check index (novelty.safetensors), so "
+                             "--max-copy cannot be checked; models trained by this version of rnngen have one")
+        guard = CopyGuard(index, request.max_copy, pieces or token_pieces(tok), batch, context=request.seed_text)
+    mixer = None
+    mixture = mixture if mixture is not None else loaded.mixture
+    if mixture is not None:  # the model's own prediction: network, n-gram and (by default) song memory
+        newline = list(tok.encode("\n"))
+        mixer = Mixer(mixture, loaded.ngram, tok.eos_id, tok.vocab_size, batch, request.song_memory,
+                      newline[0] if len(newline) == 1 else None)
+    return Prepared(prompt=[tok.eos_id, *seed_ids], constraint=constraint, guard=guard, mixer=mixer,
+                    writers=[Writer(request, tok) for _ in range(batch)],
+                    max_tokens=request.length * 4 + 8)  # a byte-fallback token can carry a quarter of a character
+
+
 def generate(loaded: LoadedModel, request: SampleRequest, index: CorpusIndex | None = None) -> Iterator[tuple[int, str]]:
     """Yield (sample index, new text) pieces as they are made, the seed text first.
 
@@ -149,35 +191,17 @@ def generate(loaded: LoadedModel, request: SampleRequest, index: CorpusIndex | N
     `index` (the model's training text) is needed for request.max_copy.
     """
     tok, model = loaded.tokenizer, loaded.model
-    request.validate(tok.vocab_size)
+    n = request.num_samples
+    p = prepare(loaded, request, index, n)
+    constraint, guard, writers = p.constraint, p.guard, p.writers
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(resolve_seed(request))
-    n = request.num_samples
-    seed_ids = tok.encode(request.seed_text)
-    prompt = [tok.eos_id, *seed_ids]  # a seed starts a song
     banned = (tok.unk_id,) if tok.unk_id != tok.eos_id else ()
-    constraint = LyricsConstraint(request.structure, tok, n) if request.structure.active else None
-    if constraint is not None and seed_ids:
-        for token in seed_ids:  # the seed's characters count towards the first line
-            constraint.update(torch.tensor([token] * n))
-    guard = None
-    if request.max_copy is not None:
-        if index is None:
-            raise UsageError(f"{loaded.directory} has no copy-check index (novelty.safetensors), so --max-copy "
-                             "cannot be checked; models trained by this version of rnngen have one")
-        guard = CopyGuard(index, request.max_copy, token_pieces(tok), n, context=request.seed_text)
-    writers = [Writer(request, tok) for _ in range(n)]
     if request.seed_text:
         for i in range(n):
             yield i, request.seed_text
-    max_tokens = request.length * 4 + 8  # a byte-fallback token can carry a quarter of a character
-    mixer = None
-    if loaded.mixture is not None:  # the model's own prediction: network, n-gram and (by default) song memory
-        newline = list(tok.encode("\n"))
-        mixer = Mixer(loaded.mixture, loaded.ngram, tok.eos_id, tok.vocab_size, n, request.song_memory,
-                      newline[0] if len(newline) == 1 else None)
-    steps = generate_ids(model, prompt, max_tokens, request.settings, generator, batch=n, banned=banned,
-                         constraint=constraint, guard=guard, mixer=mixer)
+    steps = generate_ids(model, p.prompt, p.max_tokens, request.settings, generator, batch=n, banned=banned,
+                         constraint=constraint, guard=guard, mixer=p.mixer)
     try:
         for ids in steps:
             for i, token in enumerate(ids.tolist()):

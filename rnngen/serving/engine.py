@@ -26,11 +26,9 @@ from typing import Any, Callable
 import torch
 
 import rnngen
-from rnngen.constraints import LyricsConstraint
-from rnngen.errors import UsageError
 from rnngen.memory import Mixer
-from rnngen.novelty import CopyGuard, CorpusIndex, token_pieces
-from rnngen.sample import SampleRequest, Writer, resolve_seed
+from rnngen.novelty import CorpusIndex, token_pieces
+from rnngen.sample import SampleRequest, prepare, resolve_seed
 from rnngen.sampler import SamplingSettings, back_off, choose, is_greedy
 
 log = logging.getLogger("rnngen.server")
@@ -47,32 +45,16 @@ class Stream:
     """One generated text: its request, its per-stream sampling state, and where its text goes."""
 
     def __init__(self, engine: "Engine", request: SampleRequest, stops: list[str], sink: Sink, tag: Any = None):
-        loaded, tok = engine.loaded, engine.loaded.tokenizer
-        request.validate(tok.vocab_size)
         self.request, self.stops, self.sink, self.tag = request, stops, sink, tag
+        p = prepare(engine.loaded, request, engine.index() if request.max_copy is not None else None, 1,
+                    engine.mixture, engine.pieces() if request.max_copy is not None else None)
+        self.prompt, self.constraint, self.guard, self.mixer = p.prompt, p.constraint, p.guard, p.mixer
+        self.writer, self.max_steps = p.writers[0], p.max_tokens
+        self.prompt_tokens = len(self.prompt) - 1
         self.generator = torch.Generator().manual_seed(resolve_seed(request))
-        seed_ids = tok.encode(request.seed_text)
-        self.prompt = [tok.eos_id, *seed_ids]  # a seed starts a song
-        self.prompt_tokens = len(seed_ids)
-        self.constraint = LyricsConstraint(request.structure, tok, 1) if request.structure.active else None
-        if self.constraint is not None:
-            for token in seed_ids:  # the seed's characters count towards the first line
-                self.constraint.update(torch.tensor([token]))
-        self.guard = None
-        if request.max_copy is not None:
-            index = engine.index()
-            if index is None:
-                raise UsageError(f"model {engine.name!r} has no copy-check index (novelty.safetensors), so "
-                                 "max_copy cannot be checked")
-            self.guard = CopyGuard(index, request.max_copy, engine.pieces(), 1, context=request.seed_text)
-        self.mixer = None
-        if engine.mixture is not None:
-            self.mixer = Mixer(engine.mixture, loaded.ngram, tok.eos_id, tok.vocab_size, 1, request.song_memory,
-                               engine.newline_id)
+        if self.mixer is not None:
             for token in self.prompt:
                 self.mixer.push([token])
-        self.writer = Writer(request, tok)
-        self.max_steps = request.length * 4 + 8  # a byte-fallback token can carry a quarter of a character
         self.steps = 0  # tokens sampled
         self.held = ""  # text kept back while it may be the start of a stop sequence
         self.finish: str | None = None
