@@ -14,32 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
+
+from bench_serve import start_server  # this folder is on the path when the script runs
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def start_server(model: str) -> tuple[subprocess.Popen, str, str]:
-    log = tempfile.NamedTemporaryFile("w+", prefix="rnngen-page-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "rnngen", "serve", "--model", model, "--port", "0"],
-                            stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        found = re.search(r"on (http://\S+?)/ ", open(log.name, encoding="utf-8").read())
-        if found:
-            return proc, found.group(1), log.name
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"the server did not start:\n{open(log.name, encoding='utf-8').read()}")
 
 
 def check(url: str, screenshot: str, browser_path: str) -> list[str]:
@@ -127,7 +110,7 @@ def main() -> None:
     proc = log = None
     url = args.url
     if url is None:
-        proc, url, log = start_server(args.model)
+        proc, url, log = start_server(args.model, 1, [])
     try:
         problems = check(url, args.screenshot, args.browser)
     finally:
