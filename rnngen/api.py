@@ -24,7 +24,7 @@ from rnngen.config import ModelConfig, TrainConfig
 from rnngen.data import open_corpus, read_corpus, split_songs
 from rnngen.device import autocast, pick_device, pick_dtype
 from rnngen.errors import ModelError
-from rnngen.evaluate import Metrics, evaluate_songs, evaluate_validation
+from rnngen.evaluate import Metrics, evaluate_corpus, evaluate_songs, evaluate_validation
 from rnngen.home import check_name, default_name, home, resolve_model
 from rnngen.novelty import CopyReport, CorpusIndex, copy_report
 from rnngen.sample import SampleRequest, generate as generate_pieces, make_request
@@ -126,8 +126,7 @@ class Model:
     def score_files(self, paths: CorpusArg, encoding: str = "utf-8", song_memory: bool = True) -> Metrics:
         """score() of files, directories (their *.txt) or "-" (stdin)."""
         corpus = read_corpus(_inputs(paths), encoding)
-        return self._scored(lambda: evaluate_songs(self.loaded, split_songs(corpus.text), ", ".join(corpus.sources),
-                                                   self.dtype, song_memory))
+        return self._scored(lambda: evaluate_corpus(self.loaded, corpus, self.dtype, song_memory))
 
     def score_validation(self, song_memory: bool = True) -> Metrics:
         """score() of the model's own held-out songs, re-read from its training corpus."""

@@ -212,16 +212,22 @@ def remove_if_only_ours(out_dir: Path) -> None:
     try:
         if not out_dir.is_dir() or foreign_entries(out_dir) or (out_dir / STAGING_DIR).exists():
             return
-        tokens = out_dir / TOKENS_DIR
-        if tokens.is_dir():
-            for p in tokens.iterdir():
-                if is_cache_file(p.name):
-                    p.unlink()
-            tokens.rmdir()
+        remove_token_cache(out_dir)
         (out_dir / LOCK_FILE).unlink(missing_ok=True)
         out_dir.rmdir()
     except OSError:
         pass  # best effort: what remains is still only rnngen's
+
+
+def remove_token_cache(directory: Path) -> None:
+    """Delete the token cache's own files, and its folder when nothing else is in it."""
+    tokens = directory / TOKENS_DIR
+    if tokens.is_dir():
+        for p in tokens.iterdir():
+            if is_cache_file(p.name):
+                p.unlink()
+        if not any(tokens.iterdir()):
+            tokens.rmdir()
 
 
 def write_config(directory: Path, meta: dict[str, Any]) -> None:

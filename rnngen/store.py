@@ -8,21 +8,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rnngen.checkpoint import foreign_entries, is_model_dir, locked, read_config, write_config
+from rnngen.checkpoint import foreign_entries, is_model_dir, locked, read_config, remove_token_cache, write_config
 from rnngen.errors import ModelError, UsageError
 from rnngen.files import atomic_write
 from rnngen.home import BUNDLED_NAME, all_models, bundled_dir, check_name, home
 from rnngen.layout import (CHAR_FILE, INDEX_FILE, LOCK_FILE, MODEL_FILES, NGRAM_FILE, SPM_FILE, STAGING_DIR,
-                           TOKENS_DIR, WEIGHTS_FILE)
-from rnngen.tokens import is_cache_file
+                           WEIGHTS_FILE)
 
 EXPORT_DTYPES = ("fp16", "fp32")
 
 
-def summary(name: str, directory: Path) -> dict[str, Any]:
-    """One line's worth of a model: what network, on what text, how good, when, how big."""
+def summary(name: str, directory: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One line's worth of a model: what network, on what text, how good, when, how big
+    (`meta`: its config.json, when already read)."""
     try:
-        meta = read_config(directory)
+        meta = meta if meta is not None else read_config(directory)
     except ModelError as exc:
         return {"name": name, "path": str(directory), "error": str(exc)}
     net, result, corpus = meta.get("model", {}), meta.get("result", {}), meta.get("corpus", {})
@@ -53,9 +53,10 @@ def list_all() -> list[dict[str, Any]]:
 
 def info(name: str, directory: Path) -> dict[str, Any]:
     """Everything about one model: summary, config.json in full, and its files with their sizes."""
+    meta = read_config(directory)
     files = {str(p.relative_to(directory)): p.stat().st_size
              for p in sorted(directory.rglob("*")) if p.is_file()}
-    return {**summary(name, directory), "config": read_config(directory), "files": files}
+    return {**summary(name, directory, meta), "config": meta, "files": files}
 
 
 def removable(name: str) -> Path:
@@ -78,13 +79,7 @@ def remove(name: str) -> list[str]:
         for entry in MODEL_FILES:
             (directory / entry).unlink(missing_ok=True)
         shutil.rmtree(directory / STAGING_DIR, ignore_errors=True)
-        tokens = directory / TOKENS_DIR
-        if tokens.is_dir():
-            for p in tokens.iterdir():
-                if is_cache_file(p.name):
-                    p.unlink()
-            if not any(tokens.iterdir()):
-                tokens.rmdir()
+        remove_token_cache(directory)
     (directory / LOCK_FILE).unlink(missing_ok=True)
     left = foreign_entries(directory)
     if not left:

@@ -112,9 +112,8 @@ def train(
                                                     "starting from the beginning"})
                 begin(out_dir, fresh=not resume)
             try:
-                return _train(corpus, out_dir, model_options, config, resume=resume, fine_tune=fine_tune,
-                              budget_overrides=budget_overrides, device=device, on_progress=on_progress,
-                              should_stop=should_stop)
+                return _train(corpus, out_dir, model_options, config, resume, fine_tune, budget_overrides, device,
+                              on_progress, should_stop)
             except BaseException:
                 if main:
                     abandon(out_dir)
@@ -125,20 +124,10 @@ def train(
             remove_if_only_ours(out_dir)  # failed before its first save: leave no trace
 
 
-def _train(
-    corpus: Corpus | CorpusFiles,
-    out_dir: Path,
-    model_options: dict[str, Any],
-    config: TrainConfig,
-    *,
-    resume: bool = False,
-    fine_tune: bool = False,
-    budget_overrides: dict[str, Any] | None = None,
-    device: str = "auto",
-    on_progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> TrainResult:
-    """Set up (settings, token cache, model, saved state), then run the training loop (_Run.run)."""
+def _train(corpus, out_dir, model_options, config, resume, fine_tune, budget_overrides, device, on_progress,
+           should_stop) -> TrainResult:
+    """train() inside the directory's lock (its arguments, as train() documents them): set up
+    (settings, token cache, model, saved state), then run the training loop (_Run.run)."""
     world, dev = join(pick_device(device))
     emit = on_progress if (on_progress and world.main) else (lambda kind, info: None)
     if world.size > 1:  # rank 0 decided in train() (a run that never saved starts afresh): tell the others
@@ -195,6 +184,7 @@ def _train(
             model = RNNLM(model_config)
         except ValueError as exc:
             raise UsageError(f"{exc}; set --embedding-dim to --hidden-size or drop --tie-weights") from None
+        model.init_output_bias(torch.from_numpy(data.counts))
         if world.main:
             write_config(work, build_meta(model_config, config, tokenizer, corpus_info))
             _write_index(work, corpus, scanned.bytes, emit)
@@ -247,7 +237,6 @@ class _Run:
         self.batches = BatchStream(data.train, config.batch_size, config.seq_len, config.seed,
                                    shard=(world.rank, world.size))
         self.fresh = True
-        model.init_output_bias(torch.from_numpy(data.counts))
         model.to(dev)
         self.opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr)
         # each rank reads its share of the streams; DDP averages the gradients, so the step equals a
