@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterator, Sequence, Union
 import torch
 
 from rnngen.checkpoint import LoadedModel, load_model
-from rnngen.config import ModelConfig, TrainConfig
+from rnngen.config import ModelConfig, TrainConfig, check_text
 from rnngen.data import open_corpus, read_corpus, split_songs
 from rnngen.device import autocast, pick_device, pick_dtype
-from rnngen.errors import ModelError
+from rnngen.errors import ModelError, UsageError
 from rnngen.evaluate import Metrics, evaluate_corpus, evaluate_songs, evaluate_validation
 from rnngen.home import check_name, default_name, home, resolve_model
 from rnngen.novelty import CopyReport, CorpusIndex, copy_report
@@ -120,7 +120,7 @@ class Model:
 
     def score(self, text: str, song_memory: bool = True) -> Metrics:
         """Loss, perplexity and bits per character of `text` (songs separated by blank lines)."""
-        text = text.lstrip("\ufeff").replace("\r\n", "\n")
+        text = check_text("text", text).lstrip("\ufeff").replace("\r\n", "\n")
         return self._scored(lambda: evaluate_songs(self.loaded, split_songs(text), "text", self.dtype, song_memory))
 
     def score_files(self, paths: CorpusArg, encoding: str = "utf-8", song_memory: bool = True) -> Metrics:
@@ -137,7 +137,7 @@ class Model:
         if self.index is None:
             raise ModelError(f"{self.directory} has no copy-check index (novelty.safetensors) to compare with; "
                              "models trained by this version of rnngen have one")
-        return copy_report(self.index, text)
+        return copy_report(self.index, check_text("text", text))
 
     def _scored(self, run: Callable[[], Metrics]) -> Metrics:
         with torch.inference_mode():
@@ -149,6 +149,8 @@ def load(name_or_path: str | os.PathLike | None = None, device: str = "auto", pr
     most recently trained one in the home, else the bundled one.
 
     device: auto, cpu, cuda or mps; precision: auto, fp32, bf16 or fp16 (see `rnngen sample --help`)."""
+    if not (name_or_path is None or isinstance(name_or_path, (str, os.PathLike))):
+        raise UsageError(f"load() takes a model's name or a path (got {type(name_or_path).__name__})")
     dev = pick_device(device)
     dtype = pick_dtype(precision, dev)
     return Model(load_model(resolve_model(name_or_path), dev), dtype)
@@ -223,9 +225,15 @@ def run_training(
 
 
 def _inputs(corpus: CorpusArg) -> list[str]:
-    if isinstance(corpus, (str, os.PathLike)):
-        return [os.fspath(corpus)]
-    return [os.fspath(item) for item in corpus]
+    """The corpus argument as a list of paths ("-": stdin)."""
+    items = [corpus] if isinstance(corpus, (str, os.PathLike)) else corpus
+    try:
+        paths = [os.fspath(item) for item in items]
+    except TypeError:
+        paths = None
+    if not paths and paths != [] or any(not isinstance(p, str) for p in paths):
+        raise UsageError(f"the corpus must be a path, \"-\" or a list of paths (got {type(corpus).__name__})")
+    return paths
 
 
 __all__ = ["Model", "load", "train", "run_training", "model_dir"]

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from rnngen import __version__
+from rnngen import __version__, metadata
 from rnngen.config import ModelConfig, TrainConfig, to_dict
 from rnngen.errors import ModelError, UsageError
 from rnngen.files import atomic_write, fsync_dir
@@ -91,7 +91,7 @@ def is_model_dir(directory: Path) -> bool:
         return True
     try:
         meta = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(meta, dict) and isinstance(meta.get("format_version"), int) and "model" in meta
 
@@ -286,17 +286,18 @@ def read_config(directory: Path) -> dict[str, Any]:
         raise ModelError(f"{directory} is not a model directory (no {CONFIG_FILE})") from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path} is not valid JSON ({exc}); the model directory is damaged") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"{path} is damaged: expected a JSON object")
-    version = meta.get("format_version")
-    if not isinstance(version, int):
-        raise ModelError(f"{path} has no valid format_version; the model directory is damaged")
-    if version > FORMAT_VERSION:
+    except RecursionError:
+        raise ModelError(f"{path} is damaged: nested too deeply") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
         raise ModelError(
             f"{path} uses model format {version}, newer than this rnngen {__version__} reads ({FORMAT_VERSION}); "
             "upgrade rnngen"
         )
-    return meta
+    try:
+        return metadata.check(meta)
+    except metadata.Damaged as exc:
+        raise ModelError(f"{path} is damaged: {exc}") from None
 
 
 def load_model(directory: Path, device: torch.device | str = "cpu") -> LoadedModel:

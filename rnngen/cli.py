@@ -28,9 +28,9 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from rnngen import __version__
-from rnngen.config import (DEFAULT_LENGTH, DEVICES, LR_SCHEDULES, PRECISIONS, RNN_TYPES, SHAPED_LENGTH, SPM_MODEL_TYPES,
+from rnngen.config import (DEFAULT_LENGTH, DEVICES, MAX_SEED, LR_SCHEDULES, PRECISIONS, RNN_TYPES, SONG_ROOM, SPM_MODEL_TYPES,
                            TOKENIZERS, ModelConfig, SamplingSettings, TrainConfig, check_range)
-from rnngen.errors import Interrupted, RnngenError, UsageError
+from rnngen.errors import Incomplete, Interrupted, RnngenError, UsageError
 
 _T, _M, _S = TrainConfig(), ModelConfig(), SamplingSettings()  # the defaults, defined once in config.py
 
@@ -292,7 +292,7 @@ class _StopFlag:
 def sample(
     model: ModelOption = None,
     seed: str = typer.Option("", "--seed", "-s", help="Text to continue (printed first). Default: start a new song."),
-    length: Optional[int] = typer.Option(None, "--length", "-n", help=f"Characters to generate after the seed. [default: {DEFAULT_LENGTH}; with --lines, --songs or --acrostic: no limit but {SHAPED_LENGTH}]"),
+    length: Optional[int] = typer.Option(None, "--length", "-n", help=f"Characters to generate after the seed. [default: {DEFAULT_LENGTH}; with --lines, --acrostic or --songs: room for all of them ({SONG_ROOM} characters a song). A sample that reaches the length before its songs or lines are done exits with code 3, saying so.]"),
     temperature: float = typer.Option(_S.temperature, "--temperature", "-t", help="Below 1: safer, above 1: wilder; 0: always the likeliest (greedy)."),
     top_k: int = typer.Option(_S.top_k, "--top-k", help="Sample only from the k likeliest tokens (0: no limit)."),
     top_p: float = typer.Option(_S.top_p, "--top-p", help="Sample only from the likeliest tokens whose probabilities add up to p (1: no limit)."),
@@ -350,6 +350,8 @@ def _interactive(model, request, as_json: bool) -> None:
     except ImportError:
         pass
     _emit("")  # a closed stdout fails here, in one line, rather than in input()
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is answered with an error, not a crash
+        sys.stdin.reconfigure(errors="surrogateescape")
     _err("Type a seed and press Enter (an empty line starts a new song). Ctrl-C stops a sample, Ctrl-D quits.")
     for k in itertools.count():
         sys.stderr.write("seed> ")  # the prompt is not product: stdout stays clean for pipes
@@ -359,7 +361,7 @@ def _interactive(model, request, as_json: bool) -> None:
         except (EOFError, KeyboardInterrupt):
             _err("")
             return
-        seed = None if request.random_seed is None else (request.random_seed + k) % 2**63
+        seed = None if request.random_seed is None else (request.random_seed + k) % (MAX_SEED + 1)
         one = dataclasses.replace(request, seed_text=line.strip(), random_seed=seed,
                                   structure=dataclasses.replace(request.structure))
         try:
@@ -373,13 +375,27 @@ def _interactive(model, request, as_json: bool) -> None:
 def _write_samples(model, request, as_json: bool) -> None:
     pieces = model.samples(request)
     if request.num_samples == 1 and not as_json:
-        for _, text in pieces:  # stream as tokens are made
-            _emit(text)
+        try:
+            for _, text in pieces:  # stream as tokens are made
+                _emit(text)
+        except Incomplete:  # a sample cut at its length limit ends its line before the error is told
+            _emit("\n")
+            raise
         _emit("\n")
         return
     texts = [""] * request.num_samples
-    for i, text in pieces:
-        texts[i] += text
+    cut = None
+    try:
+        for i, text in pieces:
+            texts[i] += text
+    except Incomplete as exc:  # what was made is written, then the error
+        cut = exc
+    _write_texts(model, request, texts, as_json)
+    if cut is not None:
+        raise cut
+
+
+def _write_texts(model, request, texts: list[str], as_json: bool) -> None:
     for i, text in enumerate(texts):
         if as_json:
             s = request.settings
@@ -469,9 +485,10 @@ def evaluate(
         loaded = _load(model, device, precision)
         if samples is not None:
             from rnngen.data import read_corpus
+            from rnngen.evaluate import describe_sources
 
             corpus = read_corpus([samples], encoding)
-            _copy_table(loaded, ", ".join(corpus.sources), corpus.text, as_json)
+            _copy_table(loaded, describe_sources(corpus.sources), corpus.text, as_json)
             return
         if files:
             metrics = loaded.score_files(files, encoding, song_memory=not no_song_memory)
@@ -536,16 +553,24 @@ def list_models(
         from rich.table import Table
 
         table = Table(title=f"models in {home()} (set RNNGEN_HOME to use another folder)", title_justify="left")
-        for column in ("name", "network", "corpus", "bits/char", "trained", "size"):
-            table.add_column(column, justify="right" if column in ("bits/char", "size") else "left")
+        for column in ("name", "network", "corpus", "bits/char", "network alone", "trained", "size"):
+            table.add_column(column, justify="right" if column in ("bits/char", "network alone", "size") else "left")
+        starred = False
         for r in records:
             if "error" in r:
-                table.add_row(r["name"], "damaged", r["error"], "", "", "")
+                table.add_row(r["name"], "damaged", r["error"], "", "", "", "")
                 continue
-            bpc = "-" if r["val_bpc"] is None else f"{r['val_bpc']:.3f}"
+            star = "*" if r["val_bpc_source"] == "training" else ""
+            starred = starred or bool(star)
+            bpc = "-" if r["val_bpc"] is None else f"{r['val_bpc']:.3f}{star}"
+            net = "-" if r["val_bpc_network"] is None else f"{r['val_bpc_network']:.3f}{star}"
             note = " (bundled)" if r["bundled"] else " (exported)" if r["exported"] else ""
-            table.add_row(r["name"] + note, f"{r['network']} {r['tokenizer']}", r["corpus"] or "-", bpc,
+            table.add_row(r["name"] + note, f"{r['network']} {r['tokenizer']}", r["corpus"] or "-", bpc, net,
                           (r["trained"] or "-")[:16].replace("T", " "), _bytes(r["size_bytes"]))
+        if starred:
+            table.caption = ("bits/char: held-out, as 'rnngen evaluate' gives them; * training's check on at most "
+                             "100k validation tokens (models trained before rnngen stored the full figure)")
+            table.caption_justify = "left"
         _emit_table(table)
 
 
@@ -594,14 +619,19 @@ def rm(
         from rnngen.home import home
         from rnngen.store import removable, remove
 
-        removable(name)
+        directory = removable(name)
+        link = os.readlink(directory) if directory.is_symlink() else None
         if not yes:
             if not sys.stdin or not sys.stdin.isatty():
                 raise UsageError(f"rnngen rm asks before removing; add --yes to remove {name!r} without asking")
-            if not typer.confirm(f"Remove the model {name!r} from {home()}?", err=True):
+            what = f"the link {name!r} (not what it points to)" if link is not None else f"the model {name!r}"
+            if not typer.confirm(f"Remove {what} from {home()}?", err=True):
                 _err("Nothing removed.")
                 raise typer.Exit(1)
         left = remove(name)
+        if link is not None:
+            _err(f"Removed the link {name}; what it points to ({link}) was left alone.")
+            return
         note = f"; kept your files there: {', '.join(left[:5])}" if left else ""
         _err(f"Removed {name}{note}.")
 
@@ -642,6 +672,37 @@ def plot(
             _emit(text)
 
 
+# ---- verse forms --------------------------------------------------------------------------------
+
+
+@app.command("forms")
+def list_forms(
+    name: Optional[str] = typer.Argument(None, metavar="[NAME]", help="A form or an alias (七绝, 浣溪沙, 百字令); without it, every form."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """List the verse forms (regulated verse and 词牌), or show one form's pattern clause by clause."""
+    with _errors_to_exit():
+        from rnngen.forms import FORMS, find_form
+        from rnngen.rhymebook import load_book
+
+        if name is not None:
+            form = find_form(name)
+            _emit((json.dumps(form.to_dict(), ensure_ascii=False) if as_json else form.describe()) + "\n")
+            return
+        if as_json:
+            _emit(json.dumps([f.to_dict() for f in FORMS.values()], ensure_ascii=False) + "\n")
+            return
+        from rich.table import Table
+
+        table = Table(title="verse forms ('rnngen forms NAME' shows one)", title_justify="left")
+        for column in ("name", "aliases", "kind", "clauses", "characters", "rhyme book"):
+            table.add_column(column, justify="right" if column in ("clauses", "characters") else "left", overflow="fold")
+        for f in FORMS.values():
+            table.add_row(f.name, "、".join(f.aliases) or "-", f.kind, str(f.clause_count), str(f.characters),
+                          load_book(f.default_book).title)
+        _emit_table(table)
+
+
 # ---- serve --------------------------------------------------------------------------------------
 
 
@@ -650,7 +711,10 @@ def serve(
     model: Optional[List[str]] = typer.Option(None, "--model", "-m", autocompletion=_model_names, help="Model to serve, by name or path (repeat for several). Default: the most recently trained, else the bundled one."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RNNGEN_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on every API request (/v1/...; the page and /health stay open)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RNNGEN_API_KEY", show_envvar=True, help="Require 'Authorization: Bearer KEY' on every API request (/v1/...; the page and /health stay open). Sent in clear over plain HTTP."),
+    allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", help="A name clients may reach the server by (the Host header), besides localhost, IP addresses and --host; repeat for several, '*' for any (behind a proxy that checks it). Other names get 421: a web page cannot rebind its own name to this server."),
+    forwarded_allow_ips: Optional[str] = typer.Option(None, "--forwarded-allow-ips", help="Proxies whose X-Forwarded-For/-Proto are believed (the access log's client): comma-separated addresses or networks, or '*'. [default: none]"),
+    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="Seconds a client has to send a request's headers, and again its body; slower connections are closed (a slow body gets 408). [default: 30]"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Most characters one choice may ask for (max_tokens); also the length with lines, songs or an acrostic. [default: 4000]"),
     max_n: Optional[int] = typer.Option(None, "--max-n", help="Most choices in one request (n times the prompts). [default: 16]"),
     max_prompt: Optional[int] = typer.Option(None, "--max-prompt", help="Most characters in a prompt. [default: 4000]"),
@@ -664,9 +728,12 @@ def serve(
         from rnngen.serving.protocol import Limits
 
         given = {"max_tokens": max_tokens, "max_n": max_n, "max_prompt": max_prompt, "max_body": max_body,
-                 "max_streams": max_streams}
+                 "max_streams": max_streams, "request_timeout": request_timeout}
         limits = Limits(**{k: v for k, v in given.items() if v is not None})
-        raise typer.Exit(run(model or [], host=host, port=port, api_key=api_key, limits=limits, threads=threads))
+        if api_key is None and "RNNGEN_API_KEY" in os.environ:  # click reads an empty variable as unset: an open server
+            api_key = os.environ["RNNGEN_API_KEY"]
+        raise typer.Exit(run(model or [], host=host, port=port, api_key=api_key, limits=limits, threads=threads,
+                             allowed_hosts=allowed_host or [], forwarded_allow_ips=forwarded_allow_ips))
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ class SamplingSettings:
 
 
 DEFAULT_LENGTH = 200  # characters sampled, when nothing else ends the sample
-SHAPED_LENGTH = 20_000  # the cap when lines, songs or an acrostic end the sample
+SONG_ROOM = 20_000  # characters allowed per song asked for (--songs) when no length is given
 
 
 @dataclass
@@ -134,6 +134,20 @@ def check_range(name: str, value: Any, low: float, high: float, *, integer: bool
         want = "a whole number " + want
     shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     raise UsageError(f"{name} must be {want} (got {shown})")
+
+
+def check_text(name: str, text: str) -> str:
+    """`text` if it is valid Unicode, else UsageError. A lone surrogate comes from bytes that were not
+    UTF-8 (Python keeps them as U+DC80..U+DCFF in command-line arguments and file names) or from an
+    escape such as "\\ud800"; no model can read it and no stream can write it."""
+    if not isinstance(text, str):
+        raise UsageError(f"{name} must be text (got {type(text).__name__})")
+    bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+    if bad is None:
+        return text
+    code = ord(text[bad])
+    what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+    raise UsageError(f"{name} is not valid Unicode: it holds {what} at character {bad + 1}; give UTF-8 text")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

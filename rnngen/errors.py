@@ -21,6 +21,13 @@ class UsageError(RnngenError):
     exit_code = 2
 
 
+class Incomplete(RnngenError):
+    """A sample reached its length limit before the songs or lines it was asked for were done; the
+    text made so far has been written."""
+
+    exit_code = 3
+
+
 class Diverged(RnngenError):
     """Training produced a non-finite loss or weights; nothing non-finite was saved."""
 

@@ -63,7 +63,14 @@ def evaluate_songs(loaded: LoadedModel, songs: list[str], source: str, dtype: to
 def evaluate_corpus(loaded: LoadedModel, corpus: Corpus, dtype: torch.dtype = torch.float32,
                     song_memory: bool = True) -> Metrics:
     """Score every song of the given text."""
-    return evaluate_songs(loaded, split_songs(corpus.text), ", ".join(corpus.sources), dtype, song_memory)
+    return evaluate_songs(loaded, split_songs(corpus.text), describe_sources(corpus.sources), dtype, song_memory)
+
+
+def describe_sources(sources: list[str], shown: int = 3) -> str:
+    """The sources by name, the first few only: 'a.txt, b.txt, c.txt and 57 more files (60 files)'."""
+    if len(sources) <= shown:
+        return ", ".join(sources)
+    return f"{', '.join(sources[:shown])} and {len(sources) - shown} more ({len(sources)} files)"
 
 
 def evaluate_validation(loaded: LoadedModel, dtype: torch.dtype = torch.float32, song_memory: bool = True) -> Metrics:
@@ -88,4 +95,4 @@ def evaluate_validation(loaded: LoadedModel, dtype: torch.dtype = torch.float32,
     _, val = train_val_split(corpus.text, cfg.val_fraction, cfg.seed)
     if not val:
         raise CorpusError(f"{loaded.directory} was trained without a validation split; pass text to evaluate")
-    return evaluate_songs(loaded, val, f"validation split of {', '.join(sources)}", dtype, song_memory)
+    return evaluate_songs(loaded, val, f"validation split of {describe_sources(sources)}", dtype, song_memory)

@@ -27,10 +27,15 @@ def home() -> Path:
     return user_data_path("rnngen", appauthor=False) / "models"
 
 
-def check_name(name: str) -> str:
-    """`name` if it can name a directory in the model home, else UsageError."""
+def check_name(name: str, command: str = "train") -> str:
+    """`name` if it can name a directory in the model home, else UsageError (worded for `command`:
+    train takes --name, the others a NAME)."""
     if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
-        raise UsageError(f"--name {name!r} is not a model name: use letters, digits, '.', '_' and '-' (or --out for a path)")
+        if command == "train":
+            raise UsageError(f"--name {name!r} is not a model name: use letters, digits, '.', '_' and '-' "
+                             "(or --out for a path)")
+        raise UsageError(f"{name!r} is not a model name (letters, digits, '.', '_' and '-'); "
+                         "'rnngen models' lists them")
     return name
 
 

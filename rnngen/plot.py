@@ -15,7 +15,8 @@ from rnngen.files import atomic_write
 
 GLYPHS = "*o+x#@%&"  # one per run in the text chart, repeated after eight runs
 CHART_WIDTH, CHART_HEIGHT = 60, 13  # plot area of the text chart, in characters
-FIGSIZE, DPI = (10.0, 7.0), 100  # the PNG is 1000 x 700 pixels
+FIGSIZE, DPI = (10.0, 7.0), 100  # the PNG is 1000 x 700 pixels (taller when the legend has many runs)
+LEGEND_ROW = 0.22  # inches per legend row
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -107,12 +108,12 @@ def text_chart(runs: list[Run]) -> str:
 def _legend(glyph: str, run: Run) -> str:
     best, last = run.best, run.records[-1]
     if run.has_validation and best is not None and _finite(best.get("val_bpc")):
-        where = f"best {best['val_bpc']:.4f} bits/char at step {best['step']}"
+        where = f"best {_figure(best['val_bpc'])} bits/char at step {_figure(best['step'], 0)}"
     elif best is not None:
-        where = f"no validation split; last checkpoint at step {best['step']}"
+        where = f"no validation split; last checkpoint at step {_figure(best['step'], 0)}"
     else:
         where = "no checkpoint saved"
-    return f"  {glyph} {run.label}: {where}; last train loss {last['train_loss']:.4f}"
+    return f"  {glyph} {run.label}: {where}; last train loss {_figure(last['train_loss'])}"
 
 
 def _columns(series: list[tuple[float, float]], x_lo: float, x_hi: float) -> list[tuple[int, float]]:
@@ -141,8 +142,15 @@ def _padded(lo: float, hi: float) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
+def _figure(value: float, decimals: int = 4) -> str:
+    """A legend's figure: fixed decimals, or 4 significant digits when huge (a damaged log)."""
+    return f"{value:.{decimals}f}" if abs(value) < 1e9 else f"{value:.4g}"
+
+
 def _number(value: float, span: float) -> str:
     """Enough decimals to tell the axis labels (a third of `span` apart) from each other."""
+    if abs(value) >= 1e6 or span >= 1e6:  # a huge value (a damaged log): short, not hundreds of digits
+        return f"{value:.4g}"
     decimals = min(4, max(0, 1 - math.floor(math.log10(span / 3)))) if span > 0 else 2
     return f"{value:.{decimals}f}"
 
@@ -153,7 +161,7 @@ def _x_axis(lo: float, hi: float) -> str:
     marks = [(0, lo, "left")] if hi <= lo else [(0, lo, "left"), (CHART_WIDTH // 2, (lo + hi) / 2, "center"),
                                                   (CHART_WIDTH - 1, hi, "right")]
     for col, value, align in marks:
-        text = f"{value:.0f}"
+        text = f"{value:.0f}" if abs(value) < 1e9 else f"{value:.3g}"  # never a 300-digit label
         start = {"left": col, "center": col - len(text) // 2, "right": col - len(text) + 1}[align]
         line[start:start + len(text)] = text
     return "".join(line).rstrip()
@@ -190,15 +198,26 @@ def _check_out(out: Path) -> None:
 
 
 def _png(runs: list[Run]) -> bytes:
-    """A 2 x 2 figure: (training loss, validation bits/char) against (step, minutes of training)."""
+    fig = figure(runs)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def figure(runs: list[Run]) -> Any:
+    """A 2 x 2 matplotlib figure: (training loss, validation bits/char) against (step, minutes of
+    training), one colour per run, the legend below the plots (the figure grows with it)."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
         from matplotlib.lines import Line2D
     except ModuleNotFoundError:
         raise UsageError("--out needs matplotlib: pip install 'rnngen[plot]'") from None
 
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    columns = min(4, max(1, math.ceil((len(runs) + 1) / 6)))  # legend columns; a row is LEGEND_ROW inches
+    rows_extra = max(0, math.ceil((len(runs) + 1) / columns) - 3) * LEGEND_ROW
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] + rows_extra), dpi=DPI, layout="constrained")
     axes = fig.subplots(2, 2, sharex="col")
+    colours = _colours(len(runs))
     rows = (("train_loss", "training loss (nats/token)"), ("val_bpc", "validation bits/char"))
     cols = (("step", "step", 1.0), ("elapsed", "training time (minutes)", 60.0))
     for r, (key, ylabel) in enumerate(rows):
@@ -208,7 +227,7 @@ def _png(runs: list[Run]) -> bytes:
                 series = run.series(key, x)
                 if not series:
                     continue
-                color = f"C{i % 10}"
+                color = colours[i]
                 ax.plot([p[0] / scale for p in series], [p[1] for p in series], color=color, marker=".")
                 best = run.best
                 if best is not None and _finite(best.get(key)) and _finite(best.get(x)):
@@ -220,9 +239,17 @@ def _png(runs: list[Run]) -> bytes:
             if not ax.lines:
                 no_val = key == "val_bpc" and not any(run.has_validation for run in runs)
                 ax.text(0.5, 0.5, "no validation split" if no_val else "not logged", ha="center", va="center", transform=ax.transAxes)
-    handles = [Line2D([], [], color=f"C{i % 10}", label=run.label) for i, run in enumerate(runs)]
+    handles = [Line2D([], [], color=colours[i], label=run.label) for i, run in enumerate(runs)]
     handles.append(Line2D([], [], color="black", marker="*", markersize=12, linestyle="none", label="best checkpoint"))
-    axes[0][0].legend(handles=handles)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI)
-    return buffer.getvalue()
+    fig.legend(handles=handles, loc="outside lower center", ncols=columns, fontsize="small" if len(runs) > 9 else None)
+    return fig
+
+
+def _colours(n: int) -> list[Any]:
+    """n colours that differ: matplotlib's ten, then evenly spaced hues of a perceptual map."""
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    from matplotlib import colormaps
+
+    cmap = colormaps["turbo"]
+    return [cmap(0.05 + 0.9 * i / (n - 1)) for i in range(n)]

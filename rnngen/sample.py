@@ -9,9 +9,10 @@ from typing import Iterator, Sequence
 import torch
 
 from rnngen.checkpoint import LoadedModel
-from rnngen.config import DEFAULT_LENGTH, MAX_VOCAB, SHAPED_LENGTH, SamplingSettings, check_range
+from rnngen.config import (DEFAULT_LENGTH, MAX_SEED, MAX_VOCAB, SONG_ROOM, SamplingSettings, check_range,
+                           check_text)
 from rnngen.constraints import LyricsConstraint, Structure, parse_line_lengths
-from rnngen.errors import UsageError
+from rnngen.errors import Incomplete, UsageError
 from rnngen.memory import Mixer
 from rnngen.novelty import DEPTH, CopyGuard, CorpusIndex, token_pieces
 from rnngen.sampler import generate_ids
@@ -20,6 +21,7 @@ from rnngen.sampler import generate_ids
 MAX_SAMPLES = 10_000  # streams in one batch; more would only exhaust memory
 MAX_LENGTH = 10_000_000  # characters per sample (and songs per sample)
 MAX_TEMPERATURE = 1_000_000  # far above where sampling is already uniform
+LINE_ROOM = 500  # characters allowed per line asked for, when the line length is free
 
 
 @dataclass
@@ -39,10 +41,12 @@ class SampleRequest:
     def validate(self, vocab_size: int) -> None:
         """Raise UsageError (naming the sample option) for a request that cannot work."""
         s = self.settings
+        check_text("--seed", self.seed_text)
+        check_text("--acrostic", self.structure.acrostic)
         check_range("--length", self.length, 1, MAX_LENGTH, integer=True)
         check_range("--num-samples", self.num_samples, 1, MAX_SAMPLES, integer=True)
         if self.random_seed is not None:
-            check_range("--random-seed", self.random_seed, 0, 2**63 - 1, integer=True)
+            check_range("--random-seed", self.random_seed, 0, MAX_SEED, integer=True)  # torch's CPU generator reads 32 bits
         check_range("--temperature", s.temperature, 0, MAX_TEMPERATURE)
         check_range("--top-k", s.top_k, 0, MAX_VOCAB, integer=True)
         if s.top_k > vocab_size:
@@ -78,8 +82,8 @@ def make_request(
 ) -> SampleRequest:
     """A SampleRequest from plain options (the names of the sample command's flags), checked.
 
-    `length` defaults to DEFAULT_LENGTH, or to SHAPED_LENGTH (a cap) when lines, songs or an
-    acrostic decide where the text ends; `line_length` is 7, "5,7,5" or [5, 7, 5]."""
+    `length` defaults to DEFAULT_LENGTH, or to room for every line or song asked for
+    (default_length); `line_length` is 7, "5,7,5" or [5, 7, 5]."""
     if isinstance(line_length, str):
         lengths = parse_line_lengths(line_length)
     elif isinstance(line_length, int):
@@ -89,12 +93,24 @@ def make_request(
     structure = Structure(lines=lines, line_lengths=lengths, acrostic=acrostic, rhyme=rhyme,
                           repetition_penalty=repetition_penalty)
     if length is None:
-        length = SHAPED_LENGTH if (structure.shapes_lines or songs) else DEFAULT_LENGTH
+        length = default_length(structure, songs)
     request = SampleRequest(seed_text=seed, length=length, settings=SamplingSettings(temperature, top_k, top_p),
                             num_samples=num_samples, random_seed=random_seed, stop_at_end=stop_at_end,
                             songs=songs, structure=structure, max_copy=max_copy, song_memory=song_memory)
     request.validate(MAX_VOCAB)  # the model's vocabulary is checked again by generate
     return request
+
+
+def default_length(structure: Structure, songs: int | None) -> int:
+    """The length limit when none is given: room for every line or song asked for, else DEFAULT_LENGTH.
+    A model that never ends its lines or songs still stops, and says so (Incomplete)."""
+    total = structure.total_lines()
+    if total:  # a line of L counted characters takes at most 2L + 1 (a mark after each) and its break
+        per_line = 2 * max(structure.line_lengths) + 2 if structure.line_lengths else LINE_ROOM
+        return min(MAX_LENGTH, total * per_line)
+    if songs:
+        return min(MAX_LENGTH, songs * SONG_ROOM)
+    return DEFAULT_LENGTH
 
 
 class Writer:
@@ -209,7 +225,22 @@ def generate(loaded: LoadedModel, request: SampleRequest, index: CorpusIndex | N
                 if text:
                     yield i, text
             if all(w.done for w in writers):
-                return
+                break
     finally:  # also when the reader stops early (a closed pipe)
         if guard is not None:
             request.dead_ends = guard.dead_ends
+    check_complete(request, writers, constraint)
+
+
+def check_complete(request: SampleRequest, writers: list[Writer], constraint: LyricsConstraint | None) -> None:
+    """Incomplete when a sample stopped at its length limit short of the songs or lines asked for."""
+    for i, w in enumerate(writers):
+        if request.songs and w.songs_left > 0 and not request.stop_at_end:
+            done, asked, what = request.songs - w.songs_left, request.songs, "songs"
+        elif constraint is not None and constraint.s.total_lines() and not constraint.done(i):
+            done, asked, what = constraint.line[i], constraint.s.total_lines(), "lines"
+        else:
+            continue
+        sample = f"sample {i + 1} " if len(writers) > 1 else ""
+        raise Incomplete(f"{sample}stopped at the length limit of {request.length} characters with {done} of "
+                         f"{asked} {what} written; give a larger --length (or leave it out) to allow more")

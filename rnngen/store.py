@@ -12,7 +12,7 @@ from rnngen.checkpoint import foreign_entries, is_model_dir, locked, read_config
 from rnngen.errors import ModelError, UsageError
 from rnngen.files import atomic_write
 from rnngen.home import BUNDLED_NAME, all_models, bundled_dir, check_name, home
-from rnngen.layout import (CHAR_FILE, INDEX_FILE, LOCK_FILE, MODEL_FILES, NGRAM_FILE, SPM_FILE, STAGING_DIR,
+from rnngen.layout import (CHAR_FILE, CONFIG_FILE, INDEX_FILE, LOCK_FILE, MODEL_FILES, NGRAM_FILE, SPM_FILE, STAGING_DIR,
                            WEIGHTS_FILE)
 
 EXPORT_DTYPES = ("fp16", "fp32")
@@ -38,12 +38,24 @@ def summary(name: str, directory: Path, meta: dict[str, Any] | None = None) -> d
         "tokenizer": meta.get("tokenizer"),
         "vocab_size": net.get("vocab_size"),
         "corpus": ", ".join(Path(s).name for s in sources) or None,
-        "val_bpc": result.get("val_bpc", result.get("best_val_bpc")),
+        **_figures(result),
         "trained": trained,
         "size_bytes": _size(directory),
         "bundled": directory == bundled_dir(),
         "exported": "exported" in meta,
     }
+
+
+def _figures(result: dict[str, Any]) -> dict[str, Any]:
+    """Held-out bits/char as `rnngen evaluate` gives them (stored when training ends); an older model
+    has only training's check on the first val_tokens of its validation split: val_bpc_source says which."""
+    heldout = result.get("heldout")
+    if heldout is not None:
+        return {"val_bpc": heldout["bits_per_char"], "val_bpc_network": heldout["bits_per_char_network"],
+                "val_bpc_source": "evaluate"}
+    bpc = result.get("val_bpc", result.get("best_val_bpc"))
+    return {"val_bpc": bpc, "val_bpc_network": result.get("val_bpc_network", result.get("best_val_bpc")),
+            "val_bpc_source": "training" if bpc is not None else None}
 
 
 def list_all() -> list[dict[str, Any]]:
@@ -61,9 +73,11 @@ def info(name: str, directory: Path) -> dict[str, Any]:
 
 def removable(name: str) -> Path:
     """The directory of the model `name` in the home, which rm may delete; else an error saying why not."""
-    check_name(name)
+    check_name(name, "rm")
     directory = home() / name
-    if (directory / "config.json").is_file() or is_model_dir(directory):
+    if directory.is_symlink():  # rm removes the link, never what it points to
+        return directory
+    if (directory / CONFIG_FILE).is_file() or is_model_dir(directory):
         return directory
     if name == BUNDLED_NAME and bundled_dir() is not None:
         raise UsageError(f"{BUNDLED_NAME} is the bundled model; it is part of the package and cannot be removed")
@@ -73,8 +87,12 @@ def removable(name: str) -> Path:
 
 def remove(name: str) -> list[str]:
     """Delete the model `name` from the home: only the files rnngen wrote; returns the names of
-    the user's own files left behind (the directory then stays)."""
+    the user's own files left behind (the directory then stays). A link in the home is removed
+    itself: what it points to is never touched."""
     directory = removable(name)
+    if directory.is_symlink():
+        directory.unlink()
+        return []
     with locked(directory):  # not while a run trains it
         for entry in MODEL_FILES:
             (directory / entry).unlink(missing_ok=True)
@@ -96,7 +114,11 @@ def export(directory: Path, out: Path, dtype: str = "fp16", index: bool = False)
     if dtype not in EXPORT_DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)} (got {dtype!r})")
     meta = read_config(directory)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"{out} is a broken link; export into a new directory")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; export into a new directory")
+    if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already exists and is not empty; export into a new directory")
     if out.resolve() == directory.resolve():
         raise UsageError("export into another directory than the model's own")
@@ -131,7 +153,7 @@ def export(directory: Path, out: Path, dtype: str = "fp16", index: bool = False)
 
 def _undo(out: Path, created: bool) -> None:
     """Remove what a failed export wrote (only its own files)."""
-    for name in (WEIGHTS_FILE, CHAR_FILE, SPM_FILE, NGRAM_FILE, INDEX_FILE, "config.json"):
+    for name in (WEIGHTS_FILE, CHAR_FILE, SPM_FILE, NGRAM_FILE, INDEX_FILE, CONFIG_FILE):
         (out / name).unlink(missing_ok=True)
     if created:
         try:

@@ -231,6 +231,7 @@ class _Run:
         self.val_ids = torch.cat([torch.tensor([tokenizer.eos_id]),
                                   torch.from_numpy(data.val[: config.val_tokens].astype(np.int64))])
         self.val_chars = data.val_chars
+        self.val_all = data.val  # the whole validation split (scored once more at the end, as evaluate does)
         self.val_chars_per_token = data.val_chars / max(1, len(data.val))  # bits/char from nats/token
         self.train_chars_per_token = data.train_chars / max(1, len(data.train))
         self.train_tokens = len(data.train)
@@ -420,6 +421,8 @@ class _Run:
             mix, figures = _fit_song_memory(out_dir, self.dev, self.val_ids, self.val_chars_per_token, self.amp)
             meta["song_memory"] = mix.to_dict()
             meta["result"].update(figures)
+            meta["result"]["heldout"] = _heldout(out_dir, self.dev, mix, self.val_all, self.val_chars,
+                                                 self.tokenizer.eos_id)
         write_config(out_dir, meta)
         result = TrainResult(out_dir, step, stop_reason, best_loss, best_bpc, meta["result"].get("val_bpc"),
                              meta["result"].get("val_bpc_base"))
@@ -513,6 +516,9 @@ def _write_ngram(directory: Path, train_ids: np.ndarray, tokenizer, emit: Progre
     KneserNey.save_ids(directory, ids, tokenizer.vocab_size)
 
 
+HELDOUT_TOKENS = 2_000_000  # the final held-out figure reads at most this many validation tokens
+
+
 def _fit_song_memory(out_dir: Path, device: torch.device, val_ids: torch.Tensor, chars_per_token: float, amp):
     """Fit the mixture weights on the validation ids with the saved (best) model; returns them and bits/char figures."""
     loaded = load_model(out_dir, device)
@@ -523,6 +529,21 @@ def _fit_song_memory(out_dir: Path, device: torch.device, val_ids: torch.Tensor,
     figures = {"val_bpc": scored.bits(mix, True, chars), "val_bpc_base": scored.bits(mix, False, chars),
                "val_bpc_network": scored.bits(None, False, chars)}
     return mix, {k: round(v, 4) for k, v in figures.items()}
+
+
+def _heldout(out_dir: Path, device: torch.device, mix: memory.Mixture, val: np.ndarray, val_chars: int,
+             eos_id: int) -> dict:
+    """What `rnngen evaluate` gives for the saved model on its validation split (fp32, all of it up to
+    HELDOUT_TOKENS), for `rnngen models` to show."""
+    loaded = load_model(out_dir, device)
+    shown = val[:HELDOUT_TOKENS]
+    chars = val_chars if len(shown) == len(val) else round(val_chars * len(shown) / max(1, len(val)))
+    ids = torch.cat([torch.tensor([eos_id]), torch.from_numpy(np.asarray(shown).astype(np.int64))])
+    scored = memory.parts(loaded.model, loaded.ngram, ids, eos_id)
+    return {"bits_per_char": round(scored.bits(mix, True, chars), 4),
+            "bits_per_char_base": round(scored.bits(mix, False, chars), 4),
+            "bits_per_char_network": round(scored.bits(None, False, chars), 4),
+            "tokens": len(shown), "characters": chars}
 
 
 def _check_budget(cfg: TrainConfig) -> None:
