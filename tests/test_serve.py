@@ -51,7 +51,7 @@ class Server:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "none", max_retries=0, timeout=60)
 
     def post(self, body, key: str | None = KEY, timeout: float = 60) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         content = body if isinstance(body, (str, bytes)) else json.dumps(body)
         return httpx.post(self.url + "/v1/completions", content=content, headers=headers, timeout=timeout)
 

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -44,6 +45,23 @@ class Served:
     name: str
     engine: Engine
     created: int  # when its config.json was written (the protocol's `created`)
+    streams: int = 0  # stream slots held by the requests in flight (see reserve)
+
+    def reserve(self, count: int, limit: int) -> Callable[[], None]:
+        """Hold `count` stream slots, or 429; returns the call that gives them back (once).
+
+        Called on the loop before any await, so requests that arrive together cannot all see room."""
+        if self.streams + count > limit:
+            raise ApiError(429, f"the server is generating {limit} streams already; try again shortly",
+                           type="rate_limit_error", code="server_busy")
+        self.streams += count
+        held = [count]
+
+        def release() -> None:
+            self.streams -= held[0]
+            held[0] = 0
+
+        return release
 
     def card(self) -> dict[str, Any]:
         loaded = self.engine.loaded
@@ -54,8 +72,10 @@ class Served:
 
 
 def create_app(engines: list[Engine], limits: Limits, api_key: str | None = None,
-               write_log: Callable[[str], None] | None = None) -> Any:
-    """The ASGI application serving `engines` (the first is the default model)."""
+               write_log: Callable[[str], None] | None = None, hosts: Iterable[str] = ()) -> Any:
+    """The ASGI application serving `engines` (the first is the default model).
+
+    `hosts`: the names a request's Host header may give besides localhost and IP addresses ("*": any)."""
     models = {e.name: Served(e.name, e, _created(e)) for e in engines}
     default = engines[0].name
     state = {"stopping": False}
@@ -73,23 +93,26 @@ def create_app(engines: list[Engine], limits: Limits, api_key: str | None = None
         return JSONResponse(_served(models, request.path_params["name"]).card())
 
     async def completions(request: Request) -> Response:
-        data = protocol.parse_json(await _body(request, limits.max_body))
+        _json_only(request)
+        data = protocol.parse_json(await _body(request, limits.max_body, limits.request_timeout))
         comp = protocol.parse_completion(data, limits)
         served = _served(models, comp.model or default)
         request.state.model = served.name
         engine = served.engine
-        if engine.active + engine.waiting + len(comp.prompts) * comp.n > limits.max_streams:
-            raise ApiError(429, f"the server is generating {limits.max_streams} streams already; try again shortly",
-                           type="rate_limit_error", code="server_busy")
+        release = served.reserve(len(comp.prompts) * comp.n, limits.max_streams)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         sink = sinks.get(loop) or sinks.setdefault(loop, _Sink(loop))  # one per loop: one wake-up per step
-        streams = await run_in_threadpool(_open, engine, comp, sink, queue)
         try:
+            streams = await run_in_threadpool(_open, engine, comp, sink, queue)
             engine.submit(streams)
         except Closed:
+            release()
             raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
-        reply = _Reply(served.name, comp, streams, queue, request.state)
+        except BaseException:  # a bad request, a cancelled task: the slots were never used
+            release()
+            raise
+        reply = _Reply(served.name, comp, streams, queue, request.state, release)
         return reply.events if comp.stream else await reply.whole(request)
 
     async def page(request: Request) -> Response:
@@ -104,7 +127,7 @@ def create_app(engines: list[Engine], limits: Limits, api_key: str | None = None
                Route("/v1/completions", completions, methods=["POST"])]
     app = Starlette(routes=routes, exception_handlers={ApiError: _api_error, HTTPException: _http_error,
                                                         Exception: _server_error})
-    wrapped = _AccessLog(_Auth(app, api_key) if api_key else app, write_log or _stderr)
+    wrapped = _AccessLog(_HostCheck(_Auth(app, api_key) if api_key else app, hosts), write_log or _stderr)
     wrapped.flags = state  # the server sets "stopping" on a stop signal (shown by /health)
     return wrapped
 
@@ -123,8 +146,28 @@ def _served(models: dict[str, Served], name: str) -> Served:
     return models[name]
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) beyond `limit` bytes before or while it is read."""
+def _json_only(request: Request) -> None:
+    """POST bodies must say they are JSON: a web page on any site may send text/plain or a form without
+    asking first, while application/json needs a CORS preflight, which this server never grants."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/json":
+        got = f" (got {kind[:60]!r})" if kind else ""
+        raise ApiError(415, f"send the body as JSON with the header 'Content-Type: application/json'{got}",
+                       code="unsupported_media_type")
+
+
+async def _body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body: 413 beyond `limit` bytes, 408 if it takes over `timeout` seconds, 499 if the client leaves."""
+    try:
+        return await asyncio.wait_for(_read(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} seconds",
+                       code="request_timeout") from None
+    except ClientDisconnect:  # nobody reads the answer; the access log shows 499
+        raise ApiError(499, "the client closed the connection while sending the body", code="client_closed") from None
+
+
+async def _read(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -170,8 +213,10 @@ def _deliver(events: list[Event]) -> None:
 class _Reply:
     """Collects one request's streams into a response: whole (JSON) or as server-sent events."""
 
-    def __init__(self, model: str, comp: Completion, streams: list[Stream], queue: asyncio.Queue, state: Any):
+    def __init__(self, model: str, comp: Completion, streams: list[Stream], queue: asyncio.Queue, state: Any,
+                 release: Callable[[], None]):
         self.model, self.comp, self.streams, self.queue, self.state = model, comp, streams, queue, state
+        self.release = release  # gives the streams' slots back when the reply ends
         self.id, self.created = protocol.completion_id(), protocol.now()
         self.chars = state.chars = 0  # (state: the request's, which the access log reads)
         self.gone = False  # the client left
@@ -241,6 +286,7 @@ class _Reply:
             watcher.cancel()
             for s in self.streams:
                 s.cancel()
+            self.release()
         if self.gone or any(f is None for f in finish):  # the client left: nobody reads this
             return Response(status_code=499)
         if "error" in finish:
@@ -274,6 +320,7 @@ class _Reply:
             watcher.cancel()
             for s in self.streams:
                 s.cancel()
+            self.release()
 
     async def _send(self, send, got: dict[int, tuple]) -> None:
         body = b"".join(self._chunk(i, text, finish) for i, (text, finish) in sorted(got.items()))
@@ -289,7 +336,8 @@ def _sse(obj: dict) -> bytes:
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    close = {"connection": "close"} if exc.status == 408 else None  # the rest of a slow body is not awaited
+    return JSONResponse(exc.body(), status_code=exc.status, headers=close)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -324,6 +372,48 @@ class _Auth:
                                    headers={"www-authenticate": "Bearer"})(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _HostCheck:
+    """Answer only requests whose Host header names this server: localhost, an IP address, or one of `names`.
+
+    A web page can point its own DNS name at 127.0.0.1 (DNS rebinding) and then read this server's
+    replies as its own; its requests still carry its name in Host, and are refused (421)."""
+
+    def __init__(self, app, names: Iterable[str]):
+        self.app, self.names = app, {host_name(n) for n in names} | {"localhost"}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and "*" not in self.names:
+            for header, value in scope["headers"]:
+                name = host_name(value.decode("latin-1")) if header == b"host" else None
+                if name is not None and name not in self.names and not _is_ip(name):
+                    shown = name[:100]
+                    error = ApiError(421, f"this server does not answer to the name {shown!r} (the Host header); "
+                                          f"start it with --allowed-host {shown} to allow it", code="invalid_host")
+                    await JSONResponse(error.body(), status_code=421)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)  # no Host at all (HTTP/1.0): not a browser, let it through
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header or an --allowed-host: 'Example.com:8000' -> 'example.com', '[::1]:80' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit() and ":" not in name:
+        host = name
+    return host.rstrip(".")
+
+
+def _is_ip(name: str) -> bool:
+    """An address can name only the machine it belongs to: no page can rebind it."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class _AccessLog:

@@ -17,10 +17,9 @@ from typing import Any
 
 from rnngen.config import check_range
 from rnngen.errors import RnngenError, UsageError
-from rnngen.config import DEFAULT_LENGTH
+from rnngen.config import DEFAULT_LENGTH, MAX_SEED  # seeds: torch's CPU generator reads 32 bits
 from rnngen.sample import SampleRequest
 
-MAX_SEED = 2**63 - 1
 MAX_STOPS = 4  # stop sequences per request, as OpenAI allows
 MAX_STOP_LENGTH = 200  # characters per stop sequence
 
@@ -46,6 +45,7 @@ class Limits:
     max_prompt: int = 4000  # characters in a prompt
     max_body: int = 1_000_000  # bytes in a request body
     max_streams: int = 256  # streams generating at once per model; a request beyond that gets 429
+    request_timeout: float = 30.0  # seconds a client has to send a request's headers, and again its body
 
     def validate(self) -> None:
         check_range("--max-tokens", self.max_tokens, 1, 10_000_000, integer=True)
@@ -53,6 +53,7 @@ class Limits:
         check_range("--max-prompt", self.max_prompt, 1, 10_000_000, integer=True)
         check_range("--max-body", self.max_body, 1024, 1 << 30, integer=True)
         check_range("--max-streams", self.max_streams, 1, 100_000, integer=True)
+        check_range("--request-timeout", self.request_timeout, 0, 3600, above_low=True)
 
 
 class ApiError(Exception):
@@ -60,6 +61,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
+        message, param = _encodable(message), param if param is None else _encodable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -101,11 +103,40 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise ApiError(400, f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    for key, value in data.items():  # a "\ud800" escape decodes to a lone surrogate, which no stream can write
+        if not _unicode(key) or not _unicode(value):
+            where = f"the field {key!r}" if _unicode(key) else "a field name"
+            raise ApiError(400, f"{where} holds text that is not valid Unicode (a lone surrogate such as \\ud800); "
+                           "send UTF-8 text", param=key if _unicode(key) else None, code="invalid_unicode")
     return data
 
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins a valid pair, so any left is a lone half
+
+
+def _unicode(value: Any) -> bool:
+    """Whether every string in a JSON value (keys too) is valid Unicode: no lone surrogate."""
+    stack = [value]
+    while stack:  # a loop, not recursion: the body may nest as deep as the JSON parser allowed
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
+def _encodable(text: str) -> str:
+    """`text` with any lone surrogate written as an escape, so that an error echoing input can be sent."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def parse_completion(data: dict[str, Any], limits: Limits) -> Completion:
