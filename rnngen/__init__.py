@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from rnngen.api import Model, load, run_training, train
     from rnngen.config import ModelConfig, SamplingSettings, TrainConfig
     from rnngen.evaluate import Metrics
-    from rnngen.sample import SampleRequest
+    from rnngen.sampling import SampleRequest
 
 _LAZY = {
     "Model": "rnngen.api", "load": "rnngen.api", "train": "rnngen.api", "run_training": "rnngen.api",

@@ -27,7 +27,7 @@ from rnngen.errors import ModelError, UsageError
 from rnngen.evaluate import Metrics, evaluate_corpus, evaluate_songs, evaluate_validation
 from rnngen.home import check_name, default_name, home, resolve_model
 from rnngen.novelty import CopyReport, CorpusIndex, copy_report
-from rnngen.sample import SampleRequest, generate as generate_pieces, make_request
+from rnngen.sampling import SampleRequest, Sampler, make_request
 from rnngen.training import ProgressFn, TrainResult, train as train_model
 
 CorpusArg = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -62,9 +62,15 @@ class Model:
         return self.loaded.meta
 
     @cached_property
+    def sampler(self) -> Sampler:
+        """The model's sampler. In float32 it is exact: the same text for a seed as the server gives
+        (see sampling.py); in bf16 or fp16 one stream steps with float16 weights, about twice as fast."""
+        return Sampler(self.loaded, exact=self.dtype == torch.float32)
+
+    @property
     def index(self) -> CorpusIndex | None:
-        """The copy-check index of the training text (None: the model has none)."""
-        return CorpusIndex.load(self.directory)
+        """The copy-check index of the training text (None: the model has none), loaded on first use."""
+        return self.sampler.index()
 
     def __repr__(self) -> str:
         return f"<rnngen.Model {self.name!r} from {self.directory} on {self.device}>"
@@ -72,17 +78,17 @@ class Model:
     # ---- generating ----
 
     def request(self, seed: str = "", **options: Any) -> SampleRequest:
-        """A checked SampleRequest: `options` are generate's (the sample command's flags' names)."""
-        request = make_request(seed, **options)
-        request.validate(self.vocab_size)
-        return request
+        """A checked SampleRequest: `options` are generate's (options.SAMPLE_OPTIONS)."""
+        return make_request(seed, **options)
 
     def samples(self, request: SampleRequest) -> Iterator[tuple[int, str]]:
-        """(sample index, text piece) as they are made, the seed first; several samples in one batch.
+        """(sample index, text piece) as they are made, the seed first; several samples in one batch
+        (sample i uses random_seed + i).
 
         Afterwards request.random_seed holds the seed used and request.dead_ends how often the
-        line structure overrode max_copy."""
-        pieces = generate_pieces(self.loaded, request, self.index if request.max_copy is not None else None)
+        line structure overrode max_copy. Raises Incomplete at the end when a sample reached its
+        length limit before the songs or lines it was asked for were done."""
+        pieces = self.sampler.generate(request)
         try:
             while True:  # the precision applies inside each step only, not to the caller's code between them
                 with autocast(self.device, self.dtype):

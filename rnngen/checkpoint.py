@@ -40,9 +40,9 @@ class LoadedModel:
     def train_config(self) -> TrainConfig:
         return TrainConfig.from_dict(self.meta.get("train", {}))
 
-    @property
+    @cached_property
     def mixture(self) -> Mixture | None:
-        """The fitted song-memory weights (None: the network alone, as models before them)."""
+        """The fitted song-memory weights (None: the network alone, as models before them), parsed once."""
         data = self.meta.get("song_memory")
         if data is None:
             return None

@@ -303,7 +303,8 @@ def sample(
     line_length: Optional[str] = typer.Option(None, "--line-length", help="Characters per line: 7, or a pattern such as 5,7,5 repeated over the lines (char models)."),
     songs: Optional[int] = typer.Option(None, "--songs", help="Write K whole songs, each ended by the model's end-of-song token."),
     acrostic: str = typer.Option("", "--acrostic", help="藏头: line i starts with the i-th of these characters, e.g. 春夏秋冬 (char models)."),
-    rhyme: str = typer.Option("", "--rhyme", help="押韵 scheme such as AABB, ABAB or AAAA: lines with the same letter end in characters whose pinyin finals rhyme (needs --line-length)."),
+    rhyme: str = typer.Option("", "--rhyme", help="押韵 scheme such as AABB, ABAB or AAAA: lines with the same letter end in characters of one rhyme group of --rhyme-book. Without --line-length the model ends each line where it likes, on a rhyme."),
+    rhyme_book: str = typer.Option("xinyun", "--rhyme-book", help="Which characters rhyme: xinyun (中华新韵, Mandarin, for songs), pingshui (平水韵) or cilin (词林正韵)."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Above 1 makes characters already in the sample less likely (1: off)."),
     max_copy: Optional[int] = typer.Option(None, "--max-copy", help="Never write a run of more than K characters found verbatim in the training text: a token that would make one is struck out and another drawn."),
     no_song_memory: bool = typer.Option(False, "--no-song-memory", help="Do not let a song draw on its own earlier text (by default a chorus can come back, as in real songs)."),
@@ -316,12 +317,13 @@ def sample(
     """Continue --seed with generated text, streamed to stdout."""
     with _errors_to_exit():
         _set_threads(threads)
-        from rnngen.sample import make_request
+        from rnngen.sampling import make_request
 
         request = make_request(  # checked before the model loads
             seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
             random_seed=random_seed, stop_at_end=stop_at_end, songs=songs, lines=lines, line_length=line_length,
-            acrostic=acrostic, rhyme=rhyme, repetition_penalty=repetition_penalty, max_copy=max_copy,
+            acrostic=acrostic, rhyme=rhyme, rhyme_book=rhyme_book, repetition_penalty=repetition_penalty,
+            max_copy=max_copy,
             song_memory=not no_song_memory)
         loaded = _load(model, device, precision)
         if interactive:
@@ -331,7 +333,6 @@ def sample(
 
 
 def _sample_once(model, request, as_json: bool) -> None:
-    request.validate(model.vocab_size)
     lacking = model.unknown_chars(request.seed_text)
     if lacking:
         _err(f"Warning: the model has never seen {''.join(sorted(lacking))[:20]!r}; it reads them as unknown")
@@ -365,6 +366,7 @@ def _interactive(model, request, as_json: bool) -> None:
         one = dataclasses.replace(request, seed_text=line.strip(), random_seed=seed,
                                   structure=dataclasses.replace(request.structure))
         try:
+            one.validate()  # a new request: the seed typed is checked with the options
             _sample_once(model, one, as_json)
         except RnngenError as exc:  # a bad seed is answered, not fatal
             _err(f"Error: {exc}")

@@ -120,7 +120,7 @@ class TrainConfig:
 
 
 def check_range(name: str, value: Any, low: float, high: float, *, integer: bool = False,
-                above_low: bool = False, below_high: bool = False) -> None:
+                above_low: bool = False, below_high: bool = False, field: str | None = None) -> None:
     """Raise UsageError unless `value` is a finite number from `low` to `high` (ends open where asked)."""
     kind = Integral if integer else Real
     ok = isinstance(value, kind) and not isinstance(value, bool) and (integer or math.isfinite(value))
@@ -133,21 +133,21 @@ def check_range(name: str, value: Any, low: float, high: float, *, integer: bool
     if integer and not isinstance(value, Integral):
         want = "a whole number " + want
     shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-    raise UsageError(f"{name} must be {want} (got {shown})")
+    raise UsageError(f"{name} must be {want} (got {shown})", field)
 
 
-def check_text(name: str, text: str) -> str:
+def check_text(name: str, text: str, field: str | None = None) -> str:
     """`text` if it is valid Unicode, else UsageError. A lone surrogate comes from bytes that were not
     UTF-8 (Python keeps them as U+DC80..U+DCFF in command-line arguments and file names) or from an
     escape such as "\\ud800"; no model can read it and no stream can write it."""
     if not isinstance(text, str):
-        raise UsageError(f"{name} must be text (got {type(text).__name__})")
+        raise UsageError(f"{name} must be text (got {type(text).__name__})", field)
     bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
     if bad is None:
         return text
     code = ord(text[bad])
     what = f"the byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
-    raise UsageError(f"{name} is not valid Unicode: it holds {what} at character {bad + 1}; give UTF-8 text")
+    raise UsageError(f"{name} is not valid Unicode: it holds {what} at character {bad + 1}; give UTF-8 text", field)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

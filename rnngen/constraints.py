@@ -2,10 +2,18 @@
 
 Each rule only masks or reshapes the next token's logits, so it can never loop: a forced token is
 the only choice left, a banned one has probability zero. Works on character-level models.
+
+Rhyme goes by a rhyme book (rnngen.rhymebook): line ends with the same letter of the scheme end in
+characters of one group. With --line-length the rhyming character's place is known and only it is
+masked; without, the model ends its lines where it likes, except that a line break is allowed only
+right after a character of the line's bound group (the first line of a letter binds it). Where the
+model wanted a break that is barred, the break's probability goes, in part, to the rhyming characters
+(so the line ends on a rhyme soon after); a line that runs past a cap must rhyme, then end.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -14,12 +22,16 @@ import torch
 
 from rnngen.config import check_range
 from rnngen.errors import UsageError
+from rnngen.rhymebook import BOOKS, load_book, xinyun_group
 from rnngen.tokenizer import CharTokenizer
 
 _NEG = float("-inf")
 MAX_LINES = 1_000_000
 MAX_LINE_LENGTH = 10_000  # characters
 REPETITION_PENALTY_RANGE = (0.01, 100)
+TYPICAL_LINE = 8  # counted characters: a free line's expected length until the song has lines of its own
+MAX_FREE_LINE = 40  # counted characters: a rhyming line without --line-length ends by then at the latest
+MAX_RHYME_PULL = 2.0  # nats: the most a barred line break's wish lifts the rhyming characters' logits
 
 
 @dataclass
@@ -27,7 +39,8 @@ class Structure:
     lines: int | None = None  # stop after this many lines
     line_lengths: list[int] = field(default_factory=list)  # characters per line, cycled (e.g. 5,7,5)
     acrostic: str = ""  # line i starts with acrostic[i]
-    rhyme: str = ""  # scheme such as AABB, ABAB, AAAA (cycled); needs line_lengths
+    rhyme: str = ""  # scheme such as AABB, ABAB, AAAA (cycled); with or without line_lengths
+    rhyme_book: str = "xinyun"  # which characters rhyme: one of rhymebook.BOOKS (xinyun suits pop lyrics)
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sample (CTRL-style)
 
     @property
@@ -45,15 +58,17 @@ class Structure:
         """Raise UsageError (naming the sample option) for rules that cannot work; the tokenizer's
         part is checked by LyricsConstraint."""
         if self.lines is not None:
-            check_range("--lines", self.lines, 1, MAX_LINES, integer=True)
+            check_range("--lines", self.lines, 1, MAX_LINES, integer=True, field="lines")
         for n in self.line_lengths:
-            check_range("--line-length", n, 1, MAX_LINE_LENGTH, integer=True)
+            check_range("--line-length", n, 1, MAX_LINE_LENGTH, integer=True, field="line_length")
         if self.rhyme and not re.fullmatch(r"[A-Za-z]+", self.rhyme):
-            raise UsageError(f"--rhyme takes a scheme of letters such as AABB, ABAB or AAAA (got {self.rhyme!r})")
-        if self.rhyme and not self.line_lengths:
-            raise UsageError("--rhyme needs --line-length, so the rhyming character's place is known")
+            raise UsageError(f"--rhyme takes a scheme of letters such as AABB, ABAB or AAAA (got {self.rhyme!r})",
+                             "rhyme")
+        if self.rhyme_book not in BOOKS:
+            raise UsageError(f"--rhyme-book takes one of {', '.join(BOOKS)} (got {self.rhyme_book!r})", "rhyme_book")
         # a logit is divided or multiplied by it: outside this range it overflows to inf
-        check_range("--repetition-penalty", self.repetition_penalty, *REPETITION_PENALTY_RANGE)
+        check_range("--repetition-penalty", self.repetition_penalty, *REPETITION_PENALTY_RANGE,
+                    field="repetition_penalty")
 
 
 def parse_line_lengths(text: str | None) -> list[int]:
@@ -62,16 +77,16 @@ def parse_line_lengths(text: str | None) -> list[int]:
     try:
         lengths = [int(part) for part in text.split(",")]
     except ValueError:
-        raise UsageError(f"--line-length takes a number or a pattern such as 5,7,5 (got {text!r})") from None
+        raise UsageError(f"--line-length takes a number or a pattern such as 5,7,5 (got {text!r})",
+                         "line_length") from None
     return lengths  # Structure.validate checks each
 
 
 class LyricsConstraint:
-    """Per-stream state for the rules in a Structure; plugs into sampler.generate_ids."""
+    """Per-stream state for the rules in a (checked) Structure; sampling.Sampler.pick applies it."""
 
     def __init__(self, structure: Structure, tokenizer, batch: int):
         s = structure
-        s.validate()
         if s.shapes_lines:
             if not isinstance(tokenizer, CharTokenizer):
                 raise UsageError("--lines, --line-length, --acrostic and --rhyme need a model with --tokenizer char")
@@ -90,11 +105,17 @@ class LyricsConstraint:
         self.col = [0] * batch
         self.last = [-1] * batch
         self.last_word = [-1] * batch  # the line's last counted character: the one that rhymes
-        self.rhymes: list[dict[tuple[int, str], set[str]]] = [{} for _ in range(batch)]
+        self.line_total = [0] * batch  # counted characters of the finished lines: their typical length
+        # (stanza, letter) -> the rhyme groups its lines may still end in (narrowed by each line)
+        self.rhymes: list[dict[tuple[int, str], frozenset[str]]] = [{} for _ in range(batch)]
         self.history: list[list[int]] = [[] for _ in range(batch)]
-        self.keys = _rhyme_keys(tuple(tokenizer.itos)) if s.rhyme else []
+        self.keys = _rhyme_keys(tuple(tokenizer.itos), s.rhyme_book) if s.rhyme else []
         if s.rhyme:
             self.rhymable = torch.tensor([bool(k) for k in self.keys])
+            self.allowed: dict[frozenset[str], torch.Tensor] = {}  # bound groups -> (vocab,) bool
+            if not self.rhymable.any():
+                raise UsageError(f"--rhyme needs a model that writes Chinese: none of its characters is in the "
+                                 f"rhyme book {load_book(s.rhyme_book).title} (--rhyme-book {s.rhyme_book})")
 
     def done(self, b: int) -> bool:
         total = self.s.total_lines()
@@ -132,18 +153,46 @@ class LyricsConstraint:
                 if length is not None or col == 0:
                     logits[b, self.newline] = _NEG  # no short lines, no empty lines
                 if s.rhyme and length is not None and col == length - 1:
-                    self._rhyme_mask(b, logits[b])
+                    logits[b].masked_fill_(~self._rhyming(b), _NEG)
+                elif s.rhyme and length is None and col > 0:
+                    self._free_rhyme(b, logits[b], after_mark)
         return logits
 
-    def _rhyme_mask(self, b: int, row: torch.Tensor) -> None:
-        group = self._group(b)
-        wanted = self.rhymes[b].get(group)
-        if wanted:
-            allowed = torch.tensor([bool(k & wanted) for k in self.keys])
-        else:
-            allowed = self.rhymable  # the group's first line: any character with a pinyin final
-        if allowed.any():
-            row.masked_fill_(~allowed, _NEG)
+    def _rhyming(self, b: int) -> torch.Tensor:
+        """(vocab,) bool: the characters that may end the current line, by the rhyme book."""
+        wanted = self.rhymes[b].get(self._group(b))
+        if wanted is None:
+            return self.rhymable  # the letter's first line binds it: any character the book knows
+        if wanted not in self.allowed:
+            self.allowed[wanted] = torch.tensor([bool(k & wanted) for k in self.keys])
+        return self.allowed[wanted]
+
+    def _free_rhyme(self, b: int, row: torch.Tensor, after_mark: bool) -> None:
+        """A line of no set length: the model writes on, but may break the line only right after a
+        rhyming character (a mark may come between). A barred break's probability lifts the rhyming
+        characters (at most MAX_RHYME_PULL nats); past the cap the line must rhyme, then end."""
+        rhyming = self._rhyming(b)
+        ends_well = bool(rhyming[self.last_word[b]])
+        if self.col[b] < self._cap(b):
+            if not ends_well:  # where the model wanted the break, lean towards a rhyme that allows it next
+                probs = torch.softmax(row.float(), -1)
+                want, have = float(probs[self.newline]), float(probs[rhyming].sum())
+                row[self.newline] = _NEG
+                if want > 0 and have > 0:
+                    row[rhyming] += min(math.log1p(want / have), MAX_RHYME_PULL)
+        elif not ends_well:
+            row.masked_fill_(~rhyming, _NEG)  # the rule's first line bound a character in the vocabulary
+        elif after_mark:
+            _force(row, self.newline)
+        else:  # as a full line: end it, perhaps after one punctuation mark
+            keep = self.closing.clone()
+            keep[self.newline] = True
+            row.masked_fill_(~keep, _NEG)
+
+    def _cap(self, b: int) -> int:
+        """The longest a free rhyming line may run: three times the song's typical line so far."""
+        typical = self.line_total[b] / self.line[b] if self.line[b] else TYPICAL_LINE
+        return max(1, min(MAX_FREE_LINE, round(3 * typical)))
 
     def _group(self, b: int) -> tuple[int, str]:
         scheme = self.s.rhyme.upper()
@@ -154,8 +203,12 @@ class LyricsConstraint:
         for b, token in enumerate(ids.tolist()):
             self.history[b].append(token)
             if token == self.newline:
-                if self.s.rhyme and self.last_word[b] >= 0:
-                    self.rhymes[b].setdefault(self._group(b), set(self.keys[self.last_word[b]]))
+                if self.s.rhyme and self.last_word[b] >= 0 and self.keys[self.last_word[b]]:
+                    group = self._group(b)  # narrowed, so every line of the letter shares one group
+                    bound = self.rhymes[b].get(group)
+                    mine = self.keys[self.last_word[b]]
+                    self.rhymes[b][group] = mine if bound is None else (bound & mine) or bound
+                self.line_total[b] += self.col[b]
                 self.line[b] += 1
                 self.col[b] = 0
             elif self.uncounted is None or not self.uncounted[token]:
@@ -182,31 +235,21 @@ def _force(row: torch.Tensor, token: int) -> None:
     row[token] = keep
 
 
-@lru_cache(maxsize=4)
-def _rhyme_keys(itos: tuple[str, ...]) -> list[frozenset[str]]:
-    """Each token's rhyme: the pinyin final of its most common reading, glide removed.
+@lru_cache(maxsize=8)
+def _rhyme_keys(itos: tuple[str, ...], book: str = "xinyun") -> list[frozenset[str]]:
+    """Each token's rhyme groups in the book; empty for a token the book does not know.
 
-    Heteronyms: counting every reading made 年 (nián, rarely níng) rhyme with 静; a line-final
-    character is read the common way, so only the first reading pypinyin gives counts.
+    xinyun: the one group of the character's common (sung) reading, so ü and u stay apart (雨 鱼 居
+    in 十二齐, 书 无 in 十四姑) and a rare reading does not make 无 rhyme with 波. pingshui and cilin:
+    every group the character is listed in, either tone (a lyric's rhyme is not a form's 平 or 仄).
     """
-    try:
-        from pypinyin import Style, pinyin
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise UsageError("--rhyme needs the pypinyin package: pip install pypinyin") from None
+    rhymes = load_book(book)
     keys = []
     for token in itos:
-        if len(token) != 1 or not ("\u4e00" <= token <= "\u9fff" or "\u3400" <= token <= "\u4dbf"):
+        if len(token) != 1 or not rhymes.knows(token):
             keys.append(frozenset())
-            continue
-        finals = pinyin(token, style=Style.FINALS, heteronym=False, strict=False)[0]
-        keys.append(frozenset(_rhyme_of(f) for f in finals if f and f != token))
+        elif book == "xinyun":
+            keys.append(frozenset((xinyun_group(token),)))
+        else:
+            keys.append(frozenset(group for group, _ in rhymes.groups(token)))
     return keys
-
-
-def _rhyme_of(final: str) -> str:
-    """Finals that rhyme in song share what follows the glide: iang/uang/ang -> ang, ian/uan -> an."""
-    final = final.replace("ü", "v")
-    if len(final) > 1 and final[0] in "iuv" and final not in ("in", "un", "vn", "ui", "iu", "ing", "ie", "ve", "ue"):
-        final = final[1:]
-    return {"ie": "e", "ve": "e", "ue": "e", "ui": "ei", "iu": "ou", "un": "en", "vn": "en", "in": "en",
-            "ing": "eng", "o": "uo", "uo": "uo"}.get(final, final)

@@ -1,5 +1,7 @@
 """Expected failures: the CLI prints these as one line on stderr and exits non-zero."""
 
+from __future__ import annotations
+
 
 class RnngenError(Exception):
     """A failure the user can fix; its message says how."""
@@ -16,9 +18,14 @@ class ModelError(RnngenError):
 
 
 class UsageError(RnngenError):
-    """Options that cannot work together, found after parsing."""
+    """Options that cannot work together, found after parsing. `field`: the option it is about, by its
+    keyword (options.SAMPLE_OPTIONS), so the server can name its own parameter."""
 
     exit_code = 2
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class Incomplete(RnngenError):

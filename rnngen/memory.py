@@ -193,44 +193,44 @@ def mixed_probs(mix: Mixture, parts: Parts, memory: bool = True) -> np.ndarray:
     return w[:, 0] * parts.p_net + w[:, 1] * parts.p_ngram + w[:, 2] * parts.p_cache
 
 
-class Mixer:
-    """Mixes the network's next-token logits with the n-gram and each stream's song cache while sampling."""
+class SongState:
+    """One stream's song so far, as the mixture reads it: its recent tokens (the n-gram's context)
+    and its song cache (what to sing again). Fed every token of the stream, prompt included."""
 
-    def __init__(self, mix: Mixture, ngram, eos_id: int, vocab_size: int, batch: int, song_memory: bool = True,
-                 newline_id: int | None = None):
-        self.mix, self.ngram, self.memory = mix, ngram, song_memory
-        self.vocab_size = vocab_size
-        self.history: list[list[int]] = [[] for _ in range(batch)]
-        self.caches = [SongCache(eos_id, mix.full.shape[1] - 1, COPY_BUDGET, newline_id) for _ in range(batch)]
-        self.uniform = np.full(vocab_size, 1.0 / vocab_size)
+    def __init__(self, mix: Mixture, eos_id: int, newline_id: int | None = None, memory: bool = True):
+        self.memory = memory  # False: the base mixture (network and n-gram), the cache is not consulted
+        self.history: list[int] = []
+        self.cache = SongCache(eos_id, mix.full.shape[1] - 1, COPY_BUDGET, newline_id)
 
-    def push(self, tokens: list[int]) -> None:
-        """One token for every stream."""
-        for b, token in enumerate(tokens):
-            h = self.history[b]
-            h.append(token)
-            if len(h) > 64:
-                del h[:-16]
-            self.caches[b].push(token)
+    def push(self, token: int) -> None:
+        h = self.history
+        h.append(token)
+        if len(h) > 64:
+            del h[:-16]
+        self.cache.push(token)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (batch, vocab) -> log-probabilities of the mixture (batch, vocab)."""
-        p_net = torch.softmax(logits.float(), -1).cpu().numpy().astype(np.float64)
-        out = np.empty_like(p_net)
-        for b in range(p_net.shape[0]):
-            if self.ngram is not None:
-                p_ngram, order = self.ngram.distribution(self.history[b])
-            else:
-                p_ngram, order = self.uniform, 1
-            k, places = self.caches[b].match() if self.memory else (0, [])
-            if places:
-                seen = self.caches[b].counts(places)
-                w = self.mix.full[order - 1, k]
-                row = w[0] * p_net[b] + w[1] * p_ngram
-                total = sum(seen.values())
-                row[list(seen)] += w[2] * np.fromiter(seen.values(), dtype=np.float64) / total
-            else:
-                w = self.mix.full[order - 1, 0] if self.memory else self.mix.base[order - 1]
-                row = w[0] * p_net[b] + w[1] * p_ngram
-            out[b] = row
-        return torch.from_numpy(np.log(np.maximum(out, 1e-300))).to(logits.device, torch.float32)
+
+def mix(mixture: Mixture, ngram, logits: torch.Tensor, songs: list[SongState]) -> torch.Tensor:
+    """The network's logits (batch, vocab) -> the log-probabilities of the mixture (batch, vocab):
+    row b mixes the network with the n-gram and song memory of songs[b]. Stateless: the songs are
+    only read (pick() pushes each chosen token afterwards)."""
+    p_net = torch.softmax(logits.float(), -1).cpu().numpy().astype(np.float64)
+    vocab = p_net.shape[1]
+    out = np.empty_like(p_net)
+    for b, song in enumerate(songs):
+        if ngram is not None:
+            p_ngram, order = ngram.distribution(song.history)
+        else:
+            p_ngram, order = np.full(vocab, 1.0 / vocab), 1
+        k, places = song.cache.match() if song.memory else (0, [])
+        if places:
+            seen = song.cache.counts(places)
+            w = mixture.full[order - 1, k]
+            row = w[0] * p_net[b] + w[1] * p_ngram
+            total = sum(seen.values())
+            row[list(seen)] += w[2] * np.fromiter(seen.values(), dtype=np.float64) / total
+        else:
+            w = mixture.full[order - 1, 0] if song.memory else mixture.base[order - 1]
+            row = w[0] * p_net[b] + w[1] * p_ngram
+        out[b] = row
+    return torch.from_numpy(np.log(np.maximum(out, 1e-300))).to(logits.device, torch.float32)

@@ -70,6 +70,12 @@ class RNNLM(nn.Module):
             loss = head_nll(flat, self.head.weight, self.head.bias, want) / want.numel()
         return None, state, loss
 
+    def read(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """ids (batch, seq) -> the logits after the last token (batch, vocab) and the new state: a
+        prompt read for sampling, without the output layer at every position."""
+        y, state = self.rnn(self.drop(self.embedding(ids.t())), state)
+        return self.head(self.drop(y[-1])), state
+
     # ---- one token at a time, for sampling -------------------------------------------------
     # nn.LSTM called per token pays a large fixed cost per call; one fused matmul per layer is
     # several times faster and gives the same numbers (see bench/).
@@ -204,7 +210,6 @@ class _HeadLoss(torch.autograd.Function):
         return g_hidden * g.to(g_hidden.dtype), g_weight * g, g_bias * g, None
 
 
-@torch.no_grad()
 @torch.no_grad()
 def token_nll(model: RNNLM, ids: torch.Tensor, streams: int = 64, seq_len: int = 256, amp=None) -> torch.Tensor:
     """The negative log-likelihood (nats) of each of ids[1:] given what precedes it (see sum_nll for the cutting)."""

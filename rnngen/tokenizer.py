@@ -36,6 +36,12 @@ class Tokenizer(Protocol):
     def save(self, directory: Path) -> None: ...
 
 
+def newline_id(tokenizer: Tokenizer) -> int | None:
+    """The line break's token, when "\\n" is one token of its own (else None)."""
+    ids = list(tokenizer.encode("\n"))
+    return ids[0] if len(ids) == 1 else None
+
+
 class CharTokenizer:
     """One Unicode code point per token; id 0 is unknown, id 1 is end of song."""
 

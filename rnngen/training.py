@@ -16,11 +16,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from rnngen.checkpoint import (
-    abandon, begin, build_meta, check_out_dir,
+    LoadedModel, abandon, begin, build_meta, check_out_dir,
     commit, load_model, locked, load_trainer_state, read_config, remove_if_only_ours, save_trainer_state, save_weights, write_config,
 )
 from rnngen import memory, tokens
-from rnngen.config import ModelConfig, TrainConfig
+from rnngen.config import MAX_SEED, ModelConfig, TrainConfig
 from rnngen.data import BatchStream, Corpus, CorpusFiles, Position
 from rnngen.device import autocast, pick_device, pick_dtype
 from rnngen.distributed import World, join, leave, process_rank
@@ -30,7 +30,7 @@ from rnngen.layout import INDEX_FILE, METRICS_FILE, NGRAM_FILE, STAGING_DIR, TRA
 from rnngen.model import RNNLM, sum_nll
 from rnngen.ngram import MAX_TOKENS as MAX_NGRAM_TOKENS, KneserNey
 from rnngen.novelty import MAX_INDEX_CHARS, CorpusIndex
-from rnngen.sampler import SamplingSettings, generate_ids
+from rnngen.sampling import Sampler, make_request
 from rnngen.tokenizer import load_tokenizer
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
@@ -578,10 +578,7 @@ def _share(ids: torch.Tensor, world: World) -> torch.Tensor:
 
 
 def _preview(model: RNNLM, tokenizer, seed: int, length: int = 60) -> str:
-    g = torch.Generator(next(model.parameters()).device).manual_seed(seed)
-    out = []
-    for ids in generate_ids(model, [tokenizer.eos_id], length, SamplingSettings(0.8), g, banned=(tokenizer.unk_id,)):
-        if int(ids[0]) == tokenizer.eos_id:
-            break
-        out.append(int(ids[0]))
-    return tokenizer.decode(out)
+    """A new song's first `length` characters from the network alone, for the training log."""
+    sampler = Sampler(LoadedModel(model, tokenizer, Path()))
+    request = make_request(length=length, stop_at_end=True, random_seed=seed % (MAX_SEED + 1))
+    return "".join(text for _, text in sampler.generate(request))

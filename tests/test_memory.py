@@ -13,7 +13,7 @@ import torch
 
 from rnngen.checkpoint import load_model
 from rnngen.cli import app
-from rnngen.memory import CACHE_ORDER, Mixer, SongCache, cache_scores, mixed_probs, parts
+from rnngen.memory import CACHE_ORDER, SongCache, SongState, cache_scores, mix, mixed_probs, parts
 from rnngen.ngram import KneserNey
 
 from conftest import SHARED, TINY_FLAGS
@@ -123,20 +123,20 @@ def test_kneser_ney_scores_like_the_shared_baseline():
 
 
 def test_mixer_without_song_memory_is_the_base_mixture(chorus_model):
-    tok, mix = chorus_model.tokenizer, chorus_model.mixture
+    tok, mixture = chorus_model.tokenizer, chorus_model.mixture
     history = [tok.eos_id, *tok.encode("春夏秋冬" * 3)]  # "冬" was followed by "春": the cache knows
     logits = torch.randn(1, tok.vocab_size)
     results = []
     for memory in (True, False):
-        mixer = Mixer(mix, chorus_model.ngram, tok.eos_id, tok.vocab_size, 1, memory)
+        song = SongState(mixture, tok.eos_id, memory=memory)
         for t in history:
-            mixer.push([t])
-        out = mixer(logits)
+            song.push(t)
+        out = mix(mixture, chorus_model.ngram, logits, [song])
         assert math.isclose(out.exp().sum().item(), 1.0, rel_tol=1e-5)
         results.append(out)
     p_net = torch.softmax(logits, -1)[0].double().numpy()
     p_ngram, order = chorus_model.ngram.distribution(history)
-    w = mix.base[order - 1]
+    w = mixture.base[order - 1]
     assert np.allclose(results[1][0].exp().numpy(), w[0] * p_net + w[1] * p_ngram, atol=1e-6)
     assert not torch.allclose(results[0], results[1])  # the cache has a match: memory changes the prediction
 

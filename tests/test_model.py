@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from rnngen.checkpoint import build_meta, load_model, save_weights, write_config
 from rnngen.config import ModelConfig, TrainConfig
 from rnngen.model import RNNLM, sum_nll
-from rnngen.sampler import SamplingSettings, choose
+from rnngen.config import SamplingSettings
+from rnngen.sampling import choose
 from rnngen.tokenizer import CharTokenizer
 
 from conftest import make_songs

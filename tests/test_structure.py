@@ -74,7 +74,7 @@ def test_songs_are_whole_and_never_empty(runner, trained_dir, seed):
 
 
 def test_an_empty_song_is_skipped_not_counted():
-    from rnngen.sample import Writer, make_request
+    from rnngen.sampling import Writer, make_request
     from rnngen.tokenizer import CharTokenizer
 
     tok = CharTokenizer.train(["ab"])
@@ -87,7 +87,7 @@ def test_an_empty_song_is_skipped_not_counted():
 @pytest.mark.parametrize("args,words", [
     (["--acrostic", "春X"], ["--acrostic", "X"]), (["--line-length", "0"], ["--line-length"]),
     (["--line-length", "5,x"], ["--line-length"]), (["--lines", "0"], ["--lines"]),
-    (["--rhyme", "AABB"], ["--line-length"]), (["--rhyme", "A1", "--line-length", "5"], ["--rhyme"]),
+    (["--rhyme", "A1", "--line-length", "5"], ["--rhyme"]), (["--rhyme", "A1"], ["--rhyme"]),
     (["--songs", "0"], ["--songs"]), (["--repetition-penalty", "0"], ["--repetition-penalty"]),
     (["--acrostic", "春", "--seed", "我"], ["--seed"]),
 ])

@@ -17,8 +17,8 @@ from rnngen.cli import app
 from rnngen.config import ModelConfig, TrainConfig
 from rnngen.constraints import Structure
 from rnngen.errors import ModelError, UsageError
-from rnngen.sample import SampleRequest
-from rnngen.sampler import SamplingSettings, choose
+from rnngen.config import SamplingSettings
+from rnngen.sampling import SampleRequest, choose
 
 from conftest import TINY, TINY_FLAGS
 
@@ -137,9 +137,9 @@ LIBRARY_SAMPLE = [
 @pytest.mark.parametrize("changes", LIBRARY_SAMPLE, ids=str)
 def test_sample_request_validate(changes):
     with pytest.raises(UsageError) as info:
-        replace(SampleRequest(), **changes).validate(100)
+        replace(SampleRequest(), **changes).validate()
     assert "\n" not in str(info.value)
-    SampleRequest().validate(100)
+    SampleRequest().validate()
 
 
 def test_tiny_temperature_is_greedy(runner, trained_dir):

@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rnngen.config import check_range
+from rnngen.config import DEFAULT_LENGTH, MAX_SEED, check_range
 from rnngen.errors import RnngenError, UsageError
-from rnngen.config import DEFAULT_LENGTH, MAX_SEED  # seeds: torch's CPU generator reads 32 bits
-from rnngen.sample import SampleRequest
+from rnngen.options import reword, server_names
+from rnngen.sampling import SampleRequest
 
 MAX_STOPS = 4  # stop sequences per request, as OpenAI allows
 MAX_STOP_LENGTH = 200  # characters per stop sequence
@@ -26,16 +26,10 @@ MAX_STOP_LENGTH = 200  # characters per stop sequence
 OPENAI_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream",
                  "stream_options", "echo", "logprobs", "best_of", "presence_penalty", "frequency_penalty",
                  "logit_bias", "suffix", "user"}
-RNNGEN_FIELDS = {"top_k", "lines", "line_length", "acrostic", "rhyme", "max_copy", "songs", "repetition_penalty",
-                 "song_memory", "stop_at_end"}
+RNNGEN_FIELDS = {"top_k", "lines", "line_length", "acrostic", "rhyme", "rhyme_book", "max_copy", "songs",
+                 "repetition_penalty", "song_memory", "stop_at_end"}
 
 # the sample options named in the library's messages, as this protocol names them
-PARAMS = {"--length": "max_tokens", "--num-samples": "n", "--random-seed": "seed", "--temperature": "temperature",
-          "--top-k": "top_k", "--top-p": "top_p", "--songs": "songs", "--max-copy": "max_copy", "--lines": "lines",
-          "--line-length": "line_length", "--acrostic": "acrostic", "--rhyme": "rhyme",
-          "--repetition-penalty": "repetition_penalty", "--seed": "prompt", "--no-song-memory": "song_memory"}
-
-
 @dataclass
 class Limits:
     """What one request may ask of the server (the `rnngen serve` flags)."""
@@ -70,13 +64,11 @@ class ApiError(Exception):
 
 
 def from_usage(exc: RnngenError) -> ApiError:
-    """A library error about a request's values, reworded with this protocol's parameter names."""
-    message, param = str(exc), None
-    for option in re.findall(r"--[a-z][a-z-]*", message):
-        if option in PARAMS:
-            param = param or PARAMS[option]
-            message = message.replace(option, PARAMS[option], 1)
-    return ApiError(400, message, param=param, code="invalid_value")
+    """A library error about a request's values, worded with this protocol's parameter names (the
+    option it names is exc.field; options.SAMPLE_OPTIONS maps flags to parameters)."""
+    names = server_names()
+    param = names.get(getattr(exc, "field", None) or "")
+    return ApiError(400, reword(str(exc), names), param=param, code="invalid_value")
 
 
 @dataclass
@@ -169,7 +161,8 @@ def parse_completion(data: dict[str, Any], limits: Limits) -> Completion:
     options = {"temperature": _opt(data, "temperature", float), "top_p": _opt(data, "top_p", float),
                "top_k": _opt(data, "top_k", int), "lines": _opt(data, "lines", int),
                "line_length": _line_length(data.get("line_length")), "acrostic": _opt(data, "acrostic", str),
-               "rhyme": _opt(data, "rhyme", str), "repetition_penalty": _opt(data, "repetition_penalty", float),
+               "rhyme": _opt(data, "rhyme", str), "rhyme_book": _opt(data, "rhyme_book", str),
+               "repetition_penalty": _opt(data, "repetition_penalty", float),
                "max_copy": _opt(data, "max_copy", int), "songs": _opt(data, "songs", int),
                "stop_at_end": _opt(data, "stop_at_end", bool), "song_memory": _opt(data, "song_memory", bool)}
     options = {k: v for k, v in options.items() if v is not None}  # absent: the library's defaults
