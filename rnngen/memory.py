@@ -39,6 +39,7 @@ class SongCache:
     def reset(self) -> None:
         self.history: list[int] = []
         self.follow: list[dict[tuple, list[int]]] = [{} for _ in range(self.order + 1)]  # context -> next positions
+        self.shared: list[dict[tuple, list[int]]] | None = None  # a forked cache's earlier positions (read only)
         self.roots: list[int] = []  # per position: the position its token was first sung at
         self.uses: dict[int, int] = {}  # root -> times copied
         self.offered: list[int] = []  # the positions the last match() offered
@@ -67,13 +68,35 @@ class SongCache:
         """The longest context length matched (0: none) and the positions of the tokens that followed it."""
         h = self.history
         for k in range(min(self.order, len(h)), 0, -1):
-            places = self.follow[k].get(tuple(h[-k:]))
+            context = tuple(h[-k:])
+            places = self.follow[k].get(context)
+            if self.shared is not None:
+                before = self.shared[k].get(context)
+                places = before + (places or []) if before else places
             if places and self.budget is not None:
                 places = [j for j in places if self.uses.get(self.roots[j], 0) < self.budget and not self._echo(j)]
             if places:
                 self.offered = places
                 return k, places
         return 0, []
+
+    def fork(self) -> "SongCache":
+        """A copy that goes on on its own, made in time independent of the song's length: the two
+        share what is known so far, which neither may change, so this cache must not be pushed again
+        (several streams of one prompt fork one cache fed the prompt once)."""
+        other = SongCache.__new__(SongCache)
+        other.__dict__.update(self.__dict__)
+        if self.shared is not None:  # a fork of a fork: one read-only view of both
+            shared = [dict(d) for d in self.shared]
+            for k, own in enumerate(self.follow):
+                for context, places in own.items():
+                    shared[k][context] = shared[k].get(context, []) + places
+        else:
+            shared = self.follow
+        other.shared, other.follow = shared, [{} for _ in range(self.order + 1)]
+        other.history, other.roots, other.uses = list(self.history), list(self.roots), dict(self.uses)
+        other.offered, other.lines = list(self.offered), list(self.lines)
+        return other
 
     def _echo(self, j: int) -> bool:
         """Whether copying position j would sing the line just before again, word for word."""
@@ -208,6 +231,12 @@ class SongState:
         if len(h) > 64:
             del h[:-16]
         self.cache.push(token)
+
+    def fork(self) -> "SongState":
+        """A copy for another stream of the same prompt (see SongCache.fork)."""
+        other = SongState.__new__(SongState)
+        other.memory, other.history, other.cache = self.memory, list(self.history), self.cache.fork()
+        return other
 
 
 def mix(mixture: Mixture, ngram, logits: torch.Tensor, songs: list[SongState]) -> torch.Tensor:

@@ -280,9 +280,11 @@ class Sampler:
                 self._pieces = token_pieces(self.tok)
             return self._pieces
 
-    def open(self, request: SampleRequest, sample: int = 0) -> Stream:
+    def open(self, request: SampleRequest, sample: int = 0, songs: dict | None = None) -> Stream:
         """The stream of sample `sample` of a checked request: what the model itself must allow is
-        checked here (vocabulary, tokenizer, copy-check index)."""
+        checked here (vocabulary, tokenizer, copy-check index). `songs`: song states already fed a
+        prompt, by (seed text, song memory), shared by the streams opened with the same dict (each
+        forks its own), so n streams of a long prompt read it into song memory once."""
         tok = self.tok
         s = request.settings
         if s.top_k > tok.vocab_size:
@@ -304,9 +306,15 @@ class Sampler:
         prompt = [tok.eos_id, *seed_ids]  # a seed starts a song
         song = None
         if self.mixture is not None:  # the model's own prediction: network, n-gram and (by default) song memory
-            song = SongState(self.mixture, tok.eos_id, self.newline_id, request.song_memory)
-            for token in prompt:
-                song.push(token)
+            key = (request.seed_text, request.song_memory)
+            fed = None if songs is None else songs.get(key)
+            if fed is None:
+                fed = SongState(self.mixture, tok.eos_id, self.newline_id, request.song_memory)
+                for token in prompt:
+                    fed.push(token)
+                if songs is not None:
+                    songs[key] = fed
+            song = fed.fork()
         generator = torch.Generator(self.device).manual_seed(resolve_seed(request) + sample)
         return Stream(request, generator, prompt, constraint, guard, song, Writer(request, tok))
 
@@ -379,7 +387,8 @@ class Sampler:
     def generate(self, request: SampleRequest) -> Iterator[tuple[int, str]]:
         """Yield (sample index, new text) pieces as they are made, the seed text first; Incomplete
         at the end when a sample stopped at its length limit short of its songs or lines."""
-        streams = [self.open(request, i) for i in range(request.num_samples)]
+        songs: dict = {}
+        streams = [self.open(request, i, songs) for i in range(request.num_samples)]
         if request.seed_text:
             for i in range(len(streams)):
                 yield i, request.seed_text

@@ -199,3 +199,27 @@ def test_a_model_from_before_song_memory_gets_it_when_resumed(runner, tmp_path):
     assert result.exit_code == 0, result.stderr
     resumed = load_model(out)
     assert resumed.mixture is not None and resumed.ngram is not None
+
+
+def test_a_forked_song_cache_matches_as_one_fed_everything():
+    """Streams of one prompt fork one cache fed the prompt once: each fork then behaves exactly as a
+    cache fed the prompt itself, and the forks do not see each other's tokens."""
+    import random
+
+    rng = random.Random(0)
+    prompt = [rng.randrange(2, 9) for _ in range(300)]
+    base = SongCache(eos_id=1, budget=3, newline_id=2)
+    for t in prompt:
+        base.push(t)
+    forks = [base.fork() for _ in range(2)]
+    for f in range(2):
+        alone = SongCache(eos_id=1, budget=3, newline_id=2)
+        for t in prompt:
+            alone.push(t)
+        for _ in range(200):
+            assert forks[f].match() == alone.match()
+            t = rng.randrange(2, 9)
+            forks[f].push(t)
+            alone.push(t)
+        again = forks[f].fork()  # a fork of a fork too
+        assert again.match() == alone.match()

@@ -217,7 +217,7 @@ BAD = [
     ({"logprobs": 3}, 400, "logprobs"),
     ({"frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ({"colour": "blue"}, 400, "colour"),
-    ({"rhyme": "AABB"}, 400, "rhyme"),
+    ({"rhyme": "A1"}, 400, "rhyme"),
     ({"line_length": "5,x"}, 400, "line_length"),
     ({"lines": 0}, 400, "lines"),
     ({"acrostic": "龘"}, 400, "acrostic"),

@@ -19,7 +19,11 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from conftest import LINES, make_songs  # noqa: E402
 from test_serve import Server  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from rnngen.cli import app  # noqa: E402
 
 TIMEOUT = 1  # --request-timeout for the servers here: slow clients are dropped within a second or two
 
@@ -315,3 +319,74 @@ def test_serve_help_lists_the_new_options(runner):
     assert result.exit_code == 0
     for option in ("--allowed-host", "--forwarded-allow-ips", "--request-timeout"):
         assert option in result.stdout
+
+
+# ---- 5. a long prompt does not stall the streams already running -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    """A char LSTM wider than the session's tiny one (hidden 256), trained 2 steps: reading a
+    4,000-character prompt takes it about 0.2 s, a running stream's step a millisecond or two."""
+    root = tmp_path_factory.mktemp("wide")
+    corpus = root / "songs.txt"
+    corpus.write_text(make_songs(), encoding="utf-8")
+    out = root / "model"
+    result = CliRunner().invoke(app, ["train", str(corpus), "--out", str(out), "--max-steps", "2", "--hidden-size",
+                                      "256", "--embedding-dim", "64", "--batch-size", "4", "--seq-len", "16",
+                                      "--eval-every", "2", "--warmup-steps", "1", "--threads", "1", "-q"])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_a_long_prompt_does_not_stall_a_running_stream(wide_dir, tmp_path):
+    """Issue 20 item 5: a request with a 4,000-character prompt and n 16 (the default limits) joins a
+    running stream. Read all at once, that stream waits for the whole prompt reading; read in chunks
+    between steps, its worst wait is one step, a small part of the time the joining request takes to
+    its first character."""
+    s = Server(wide_dir, tmp_path, "--max-tokens", "100000", "--max-prompt", "4000", "--max-n", "16")
+    arrivals: list[float] = []  # when each of the running stream's events came
+    under_way, leave = threading.Event(), threading.Event()
+    failed: list[Exception] = []
+
+    def running() -> None:
+        body = {"prompt": "春", "max_tokens": 100000, "stream": True, "seed": 1}
+        try:
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        arrivals.append(time.perf_counter())
+                    if len(arrivals) >= 100:
+                        under_way.set()
+                    if leave.is_set():
+                        return
+        except Exception as exc:  # reported by the test below
+            failed.append(exc)
+
+    thread = threading.Thread(target=running)
+    try:
+        thread.start()
+        assert under_way.wait(30), "the running stream did not get going"
+        prompt = ("".join(LINES) * 200)[:4000]
+        body = {"prompt": prompt, "n": 16, "max_tokens": 5, "stream": True, "seed": 2}
+        joined, first = time.perf_counter(), None
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200, response.read()
+            for line in response.iter_lines():
+                if first is None and line.startswith("data: ") and line != "data: [DONE]":
+                    first = time.perf_counter()
+        ended, seen = time.perf_counter(), len(arrivals)
+        while len(arrivals) == seen and thread.is_alive() and time.perf_counter() - ended < 10:
+            time.sleep(0.005)  # the gap that spans the joining request's end counts too
+    finally:
+        leave.set()
+        thread.join(30)
+        s.stop()
+    assert not failed and first is not None and "Traceback" not in s.stderr(), (failed, s.stderr()[-2000:])
+    before = [t for t in arrivals if t <= joined]
+    worst = max(b - a for a, b in zip(arrivals, arrivals[1:]) if b > joined and a < ended)
+    to_first = first - joined
+    figures = (f"worst gap while it joins {worst * 1000:.0f} ms (mean gap before "
+               f"{(before[-1] - before[0]) / (len(before) - 1) * 1000:.1f} ms); its first character after "
+               f"{to_first * 1000:.0f} ms")
+    assert worst < to_first / 4, figures

@@ -189,7 +189,8 @@ def _open(engine: Engine, comp: Completion, sink: "_Sink", queue: asyncio.Queue)
     """Build and check every choice's stream (on a worker thread: the first copy check loads an index)."""
     requests = protocol.sample_requests(comp, engine.model)
     try:
-        return [engine.open(r, comp.stops, sink, tag=(queue, i)) for i, r in enumerate(requests)]
+        songs: dict = {}  # the request's choices share their prompt's song memory
+        return [engine.open(r, comp.stops, sink, tag=(queue, i), songs=songs) for i, r in enumerate(requests)]
     except UsageError as exc:  # the model's own checks (an acrostic character it never saw, ...)
         raise protocol.from_usage(exc) from None
 

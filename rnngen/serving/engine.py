@@ -53,6 +53,11 @@ class Stream:
     def cancel(self) -> None:
         self.cancelled = True
 
+    @property
+    def steps(self) -> int:
+        """Tokens sampled so far (the protocol's completion tokens)."""
+        return self.sample.steps
+
     # ---- on the worker thread ------------------------------------------------------------------
 
     def take(self, token: int) -> str:
@@ -113,9 +118,11 @@ class Engine:
 
     # ---- any thread ----------------------------------------------------------------------------
 
-    def open(self, request: SampleRequest, stops: list[str], sink: Sink, tag: Any = None) -> Stream:
-        """A checked stream, not yet running (UsageError for a request the model cannot do)."""
-        return Stream(self.sampler.open(request), stops, sink, tag)
+    def open(self, request: SampleRequest, stops: list[str], sink: Sink, tag: Any = None,
+             songs: dict | None = None) -> Stream:
+        """A checked stream, not yet running (UsageError for a request the model cannot do); streams
+        opened with one `songs` dict read a shared prompt into song memory once (Sampler.open)."""
+        return Stream(self.sampler.open(request, songs=songs), stops, sink, tag)
 
     def submit(self, streams: list[Stream]) -> None:
         with self._cond:
