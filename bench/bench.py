@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rnngen.checkpoint import LoadedModel, load_model
+from rnngen.modeldir import LoadedModel, load_model
 from rnngen.home import bundled_dir
 from rnngen.config import ModelConfig, TrainConfig
 from rnngen.device import cpu_has_fast_bf16
@@ -129,20 +129,40 @@ def copy_guard_speed(length: int, repeats: int) -> tuple[float, float]:
     return speeds[0], speeds[1]
 
 
-def song_memory_speed(length: int, repeats: int) -> tuple[float, float, float] | None:
-    """chars/s of one stream from the bundled model: the network alone (the path before song memory),
-    network + n-gram (--no-song-memory), and network + n-gram + song memory (the default)."""
+def song_memory_speed(length: int, repeats: int, streams: int = 1) -> tuple[float, float, float] | None:
+    """chars/s of `streams` streams from the bundled model: the network alone (the path before song
+    memory), network + n-gram (--no-song-memory), and network + n-gram + song memory (the default)."""
     loaded = load_model(bundled_dir())
     if loaded.mixture is None:
         return None
     alone = LoadedModel(loaded.model, loaded.tokenizer, loaded.directory,
-                        {k: v for k, v in loaded.meta.items() if k != "song_memory"})
+                        {k: v for k, v in loaded.meta.items() if k not in ("mixture", "song_memory")})
     speeds = []
     for model, memory in ((alone, True), (loaded, False), (loaded, True)):
-        req = lambda: SampleRequest(length=length, settings=SamplingSettings(0.8), random_seed=1, song_memory=memory)
+        req = lambda: SampleRequest(length=length, settings=SamplingSettings(0.8), random_seed=1, song_memory=memory,
+                                    num_samples=streams)
         sampler = Sampler(model)
-        speeds.append(length / median_time(lambda: sum(1 for _ in sampler.generate(req())), repeats))
+        speeds.append(streams * length / median_time(lambda: sum(1 for _ in sampler.generate(req())), repeats))
     return speeds[0], speeds[1], speeds[2]
+
+
+def start_up(repeats: int) -> tuple[float, float, float]:
+    """Seconds, medians of `repeats`: `python -c "import torch"`, a cold `rnngen sample --model songci
+    --length 1` (a new process; the n-gram tables already in the cache), and rnngen.load("songci")
+    in a process that has imported torch."""
+    def run(args: list[str]) -> float:
+        t = time.perf_counter()
+        subprocess.run([sys.executable, *args], check=True, capture_output=True)
+        return time.perf_counter() - t
+
+    run(["-m", "rnngen", "sample", "--model", "songci", "--length", "1"])  # builds the cache if it is not there
+    torch_s = statistics.median(run(["-c", "import torch"]) for _ in range(repeats))
+    sample_s = statistics.median(run(["-m", "rnngen", "sample", "--model", "songci", "--length", "1"])
+                                 for _ in range(repeats))
+    code = "import time, torch, rnngen; t = time.perf_counter(); rnngen.load('songci', device='cpu'); print(time.perf_counter() - t)"
+    load_s = statistics.median(float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                                    text=True).stdout) for _ in range(repeats))
+    return torch_s, sample_s, load_s
 
 
 def ref_run(ref: Path, corpus: str, mode: str, extra: list[str]) -> dict:
@@ -209,13 +229,21 @@ def main() -> None:
     row("rnngen sample bundled 2x384, one stream", f"{free:,.0f} chars/s")
     row("rnngen sample bundled 2x384, one stream, --max-copy 8", f"{guarded:,.0f} chars/s")
     row("ratio: --max-copy 8 / unconstrained", f"{guarded / free:.2f}x")
-    memory = song_memory_speed(2000, a.repeats)
-    if memory:
-        alone, base, full = memory
-        row("rnngen sample bundled, one stream, network alone", f"{alone:,.0f} chars/s")
-        row("rnngen sample bundled, one stream, + n-gram (--no-song-memory)", f"{base:,.0f} chars/s")
-        row("rnngen sample bundled, one stream, + n-gram + song memory", f"{full:,.0f} chars/s")
-        row("ratio: with song memory / network alone", f"{full / alone:.2f}x")
+    for streams, length in ((1, 2000), (64, 200)):
+        memory = song_memory_speed(length, a.repeats, streams)
+        if memory:
+            alone, base, full = memory
+            what = "one stream" if streams == 1 else f"{streams} streams (total)"
+            row(f"rnngen sample bundled, {what}, network alone", f"{alone:,.0f} chars/s")
+            row(f"rnngen sample bundled, {what}, + n-gram (--no-song-memory)", f"{base:,.0f} chars/s")
+            row(f"rnngen sample bundled, {what}, + n-gram + song memory", f"{full:,.0f} chars/s")
+            row(f"ratio: {what}, with song memory / network alone", f"{full / alone:.2f}x")
+    if dev.type == "cpu":
+        torch_s, sample_s, load_s = start_up(5)
+        row("python -c 'import torch' (median of 5)", f"{torch_s:.2f} s")
+        row("rnngen sample --model songci --length 1, cold (median of 5)", f"{sample_s:.2f} s")
+        row("  of which beyond importing torch", f"{sample_s - torch_s:.2f} s")
+        row("rnngen.load('songci') after torch is imported (median of 5)", f"{load_s:.2f} s")
     if ref_cps:
         row("ratio: train 2x512 rnngen / ref", f"{results['2x512'] / ref_cps:.2f}x")
         row("ratio: sample one stream rnngen / ref", f"{one / ref_sample:.2f}x")

@@ -40,7 +40,7 @@ def time_tokenize(corpus_path: Path, work: Path) -> float:
     """Seconds for one fresh tokenisation (scan + encode) of the corpus, char mode."""
     from rnngen.config import TrainConfig
     from rnngen.data import open_corpus
-    from rnngen.tokens import build
+    from rnngen.tokencache import build
 
     out = work / "tok"
     shutil.rmtree(out, ignore_errors=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 
-from rnngen.checkpoint import LoadedModel, load_model
+from rnngen.modeldir import LoadedModel, load_model
 from rnngen.config import ModelConfig, TrainConfig, check_text
 from rnngen.data import open_corpus, read_corpus, split_songs
 from rnngen.device import autocast, pick_device, pick_dtype
@@ -115,7 +115,11 @@ class Model:
         acrostic are done), temperature (0.8; 0 is greedy), top_k (0: all), top_p (1: all),
         lines, line_length (7 or "5,7,5"), acrostic, rhyme ("AABB"), repetition_penalty,
         max_copy (no longer run copied from the training text), songs, stop_at_end,
-        song_memory (True) and random_seed (the same seed gives the same text)."""
+        song_memory (True) and random_seed (the same seed gives the same text); rhyme_book
+        (xinyun, pingshui or cilin; with a form its book). form ("七言绝句", "浣溪沙", ...; see
+        rnngen.forms.FORMS) writes one poem in that form, one clause a line, with its 平仄 and
+        rhymes; with it, candidates (16: each clause written that many times, the likeliest kept)
+        and keywords ("春风,明月": each appears verbatim where its tones fit)."""
         return "".join(self.stream(seed, **options))
 
     def unknown_chars(self, text: str) -> set[str]:
@@ -177,8 +181,8 @@ def train(
     name: str | None = None,
     model: ModelConfig | None = None,
     training: TrainConfig | None = None,
+    base: str | os.PathLike | None = None,
     resume: bool = False,
-    fine_tune: bool = False,
     force: bool = False,
     encoding: str = "utf-8",
     device: str = "auto",
@@ -187,12 +191,17 @@ def train(
     """Train a model on `corpus` (files, directories, or "-") and return its directory: `out`, else
     the model home's `name` (default: the corpus file's name).
 
+    base: start from a trained model (a name in the model home, "songci", or a directory; the
+    command line's --from) instead of random weights: the new model has the base's network and
+    vocabulary, plus rows for the corpus's characters the base lacks; the base is only read. Then
+    `model` must be left out, and `training` defaults to TrainConfig.fine_tuning() (a lower peak
+    rate, halved when validation stalls, frequent validation, early stopping).
+
     on_progress(kind, info) is called with kind "tokenize" (reading the corpus), "tokenized",
     "start", "step", "eval", "info" (a message) and "done"; info is a dict of figures such as
     step, train_loss and val_bpc."""
-    return run_training(corpus, out, name=name, model=model, training=training, resume=resume,
-                        fine_tune=fine_tune, force=force, encoding=encoding, device=device,
-                        on_progress=on_progress).directory
+    return run_training(corpus, out, name=name, model=model, training=training, base=base, resume=resume,
+                        force=force, encoding=encoding, device=device, on_progress=on_progress).directory
 
 
 def run_training(
@@ -203,8 +212,8 @@ def run_training(
     model: ModelConfig | None = None,
     training: TrainConfig | None = None,
     budget: dict[str, Any] | None = None,
+    base: str | os.PathLike | None = None,
     resume: bool = False,
-    fine_tune: bool = False,
     force: bool = False,
     encoding: str = "utf-8",
     device: str = "auto",
@@ -215,18 +224,20 @@ def run_training(
 
     `budget` (max_steps, epochs, time_limit, patience) also applies to a resumed run, whose other
     settings come from the saved run; should_stop() ends training after the current step, saved."""
-    from rnngen.checkpoint import check_out_dir
+    from rnngen.modeldir import check_out_dir
 
+    if base is not None and model is not None:
+        raise UsageError("model= does not go with base=: a model started from another keeps its network; "
+                         "leave model out")
     model = model or ModelConfig()
-    training = training or TrainConfig()
+    training = training or (TrainConfig.fine_tuning() if base is not None else TrainConfig())
     training.validate()
     dataclasses.replace(model, vocab_size=1).validate()  # the vocabulary is known only after tokenizing
     out_dir = model_dir(corpus, name, out)
-    resume = resume or fine_tune
     check_out_dir(out_dir, resume, force)  # before reading a big corpus (train checks again, locked)
     options = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name != "vocab_size"}
     with open_corpus(_inputs(corpus), encoding) as text:  # files stay on disk: training streams them
-        return train_model(text, out_dir, options, training, resume=resume, force=force, fine_tune=fine_tune,
+        return train_model(text, out_dir, options, training, resume=resume, force=force, base=base,
                            budget_overrides=budget, device=device, on_progress=on_progress, should_stop=should_stop)
 
 

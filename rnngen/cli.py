@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from rnngen import __version__
-from rnngen.config import (DEFAULT_LENGTH, DEVICES, MAX_SEED, LR_SCHEDULES, PRECISIONS, RNN_TYPES, SONG_ROOM, SPM_MODEL_TYPES,
+from rnngen.config import (DEFAULT_CANDIDATES, DEFAULT_LENGTH, DEVICES, MAX_SEED, LR_SCHEDULES, PRECISIONS, RNN_TYPES, SONG_ROOM, SPM_MODEL_TYPES,
                            TOKENIZERS, ModelConfig, SamplingSettings, TrainConfig, check_range)
 from rnngen.errors import Incomplete, Interrupted, RnngenError, UsageError
 
@@ -146,13 +146,20 @@ def _set_threads(threads: int) -> None:
 # ---- train ------------------------------------------------------------------------------------
 
 
+# the options that shape the network: a model started --from another keeps the base's
+NETWORK_OPTIONS = {"rnn_type": "--rnn-type", "layers": "--layers", "hidden_size": "--hidden-size",
+                   "embedding_dim": "--embedding-dim", "dropout": "--dropout", "tie_weights": "--tie-weights"}
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     corpus: List[str] = typer.Argument(..., metavar="CORPUS", help="Text files, directories (their *.txt), or - for stdin."),
     name: Optional[str] = typer.Option(None, "--name", help="Model name: saved as NAME in the model home ($RNNGEN_HOME, else the per-user data directory; see 'rnngen models'). Default: the corpus file's name."),
     out: Optional[Path] = typer.Option(None, "--out", help="Model directory to write, anywhere (instead of NAME in the model home)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in the model directory exactly where it stopped."),
-    fine_tune: bool = typer.Option(False, "--fine-tune", help="With --resume: continue on a different corpus on purpose (the vocabulary stays; characters it lacks read as unknown)."),
+    base: Optional[str] = typer.Option(None, "--from", metavar="MODEL", autocompletion=_model_names, help="Start from a trained model (a name, 'songci', or a directory; an exported copy will do) instead of random weights: its network, its vocabulary plus the corpus's new characters, a gentler learning rate (--lr 1e-3, halved when validation stalls, --eval-every 20). MODEL itself is never changed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in the model directory exactly where it stopped (a --from run too)."),
+    fine_tune: bool = typer.Option(False, "--fine-tune", hidden=True, help="Gone: use --from."),
     force: bool = typer.Option(False, "--force", help="Start over even if the model directory already holds a model."),
     encoding: EncodingOption = "utf-8",
     tokenizer: TokenizerKind = typer.Option(_T.tokenizer, "--tokenizer", help="char: one Unicode character per token; spm: SentencePiece subwords."),
@@ -185,17 +192,30 @@ def train(
 ) -> None:
     """Train a model on CORPUS and save it in the model home as NAME (prints its directory)."""
     with _errors_to_exit():
+        if fine_tune:
+            raise UsageError("--fine-tune is gone: to train on new text, start a new model from the trained one with "
+                             "--from MODEL --name NEW (its vocabulary grows by the new characters; MODEL stays as it is)")
         budget = {k: v for k, v in {"max_steps": max_steps, "epochs": epochs, "patience": patience,
                                     "time_limit": _seconds(time_limit)}.items() if v is not None}
         budget = {k: (v or None) if k != "patience" else v for k, v in budget.items()}  # 0 = no limit
-        training = TrainConfig(
+        settings = dict(
             tokenizer=tokenizer.value, vocab_size=vocab_size, spm_model_type=spm_model_type.value,
             batch_size=batch_size, seq_len=seq_len, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
             lr_schedule=lr_schedule.value, grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every,
-            seed=seed, precision=precision.value, **budget,
+            seed=seed, precision=precision.value,
         )
-        network = ModelConfig(rnn_type=rnn_type.value, num_layers=layers, hidden_size=hidden_size,
-                              embedding_dim=embedding_dim, dropout=dropout, tie_weights=tie_weights)
+        given = lambda option: ctx.get_parameter_source(option).name != "DEFAULT"  # noqa: E731
+        network = None
+        if base is None:
+            training = TrainConfig(**settings, **budget)
+            network = ModelConfig(rnn_type=rnn_type.value, num_layers=layers, hidden_size=hidden_size,
+                                  embedding_dim=embedding_dim, dropout=dropout, tie_weights=tie_weights)
+        else:  # the base's network; the fine-tuning defaults for every setting not given
+            shaped = [flag for option, flag in NETWORK_OPTIONS.items() if given(option)]
+            if shaped:
+                raise UsageError(f"{shaped[0]} does not go with --from: the new model keeps the network of the model "
+                                 "it starts from; leave it out (or train from scratch without --from)")
+            training = TrainConfig.fine_tuning(**{k: v for k, v in settings.items() if given(k)}, **budget)
         _set_threads(threads)
 
         from rnngen.api import model_dir, run_training
@@ -213,8 +233,8 @@ def train(
 
         try:
             with TrainDisplay(enabled=main and not quiet) as display, stop.installed():
-                result = run_training(corpus, out_dir, model=network, training=training, budget=budget,
-                                      resume=resume, fine_tune=fine_tune, force=force, encoding=encoding,
+                result = run_training(corpus, out_dir, model=network, training=training, budget=budget, base=base,
+                                      resume=resume, force=force, encoding=encoding,
                                       device=device.value, on_progress=progress, should_stop=stop)
         except Interrupted as exc:
             if main:
@@ -227,9 +247,14 @@ def train(
             again += ["--encoding", encoding] if encoding != "utf-8" else []
             _err(f"Interrupted at step {result.steps}; checkpoint saved. Continue with: {_command_line(again)}")
             raise typer.Exit(128 + stop.signum)
-        bpc = f", best validation {result.best_val_bpc:.3f} bits/char" if result.best_val_bpc is not None else ""
-        if result.val_bpc is not None:
-            bpc += f" ({result.val_bpc:.3f} with n-gram and song memory, {result.val_bpc_base:.3f} without song memory)"
+        heldout = result.heldout
+        if heldout is not None:  # as 'rnngen evaluate' and 'rnngen models' give them
+            bpc = (f", held-out {heldout['bits_per_char']:.3f} bits/char (network alone "
+                   f"{heldout['bits_per_char_network']:.3f}, without song memory {heldout['bits_per_char_base']:.3f})")
+        elif result.best_val_bpc is not None:
+            bpc = f", best validation {result.best_val_bpc:.3f} bits/char (network alone)"
+        else:
+            bpc = ""
         from rnngen.home import display_name
 
         try_it = _command_line(["rnngen", "sample", "--model", display_name(out_dir)])
@@ -304,7 +329,10 @@ def sample(
     songs: Optional[int] = typer.Option(None, "--songs", help="Write K whole songs, each ended by the model's end-of-song token."),
     acrostic: str = typer.Option("", "--acrostic", help="藏头: line i starts with the i-th of these characters, e.g. 春夏秋冬 (char models)."),
     rhyme: str = typer.Option("", "--rhyme", help="押韵 scheme such as AABB, ABAB or AAAA: lines with the same letter end in characters of one rhyme group of --rhyme-book. Without --line-length the model ends each line where it likes, on a rhyme."),
-    rhyme_book: str = typer.Option("xinyun", "--rhyme-book", help="Which characters rhyme: xinyun (中华新韵, Mandarin, for songs), pingshui (平水韵) or cilin (词林正韵)."),
+    rhyme_book: Optional[str] = typer.Option(None, "--rhyme-book", help="Which characters rhyme (and, with --form, their 平仄): xinyun (中华新韵, Mandarin, for songs), pingshui (平水韵) or cilin (词林正韵). [default: with --form the form's book (pingshui for 诗, cilin for 词), else xinyun]"),
+    form: str = typer.Option("", "--form", help="Write one poem in a verse form, e.g. 七言绝句 (七绝), 浣溪沙, 沁园春: its clauses one a line, each its length in Han characters with its punctuation, 平仄 and rhymes by --rhyme-book ('rnngen forms' lists them)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help=f"With --form: write each clause N times and keep the one the model finds likeliest. [default: {DEFAULT_CANDIDATES}]"),
+    keywords: str = typer.Option("", "--keywords", help="With --form: words that appear verbatim, e.g. 春风,明月, each in a clause whose 平仄 its characters fit."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Above 1 makes characters already in the sample less likely (1: off)."),
     max_copy: Optional[int] = typer.Option(None, "--max-copy", help="Never write a run of more than K characters found verbatim in the training text: a token that would make one is struck out and another drawn."),
     no_song_memory: bool = typer.Option(False, "--no-song-memory", help="Do not let a song draw on its own earlier text (by default a chorus can come back, as in real songs)."),
@@ -323,8 +351,7 @@ def sample(
             seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
             random_seed=random_seed, stop_at_end=stop_at_end, songs=songs, lines=lines, line_length=line_length,
             acrostic=acrostic, rhyme=rhyme, rhyme_book=rhyme_book, repetition_penalty=repetition_penalty,
-            max_copy=max_copy,
-            song_memory=not no_song_memory)
+            max_copy=max_copy, song_memory=not no_song_memory, form=form, candidates=candidates, keywords=keywords)
         loaded = _load(model, device, precision)
         if interactive:
             _interactive(loaded, request, as_json)
@@ -343,7 +370,8 @@ def _sample_once(model, request, as_json: bool) -> None:
 
 
 def _interactive(model, request, as_json: bool) -> None:
-    """A prompt loop: each line typed is a seed; the same options answer every one, each with fresh randomness."""
+    """A prompt loop: each line typed is a seed (with --form, keywords); the same options answer every one,
+    each with fresh randomness."""
     import dataclasses
 
     try:  # line editing and history where the platform has readline
@@ -363,8 +391,12 @@ def _interactive(model, request, as_json: bool) -> None:
             _err("")
             return
         seed = None if request.random_seed is None else (request.random_seed + k) % (MAX_SEED + 1)
-        one = dataclasses.replace(request, seed_text=line.strip(), random_seed=seed,
-                                  structure=dataclasses.replace(request.structure))
+        typed = {"seed_text": line.strip()}
+        if request.form:  # a poem has no seed: the line typed is its keywords (春风,明月)
+            from rnngen.compose import parse_keywords
+
+            typed = {"keywords": parse_keywords(line.strip()) or request.keywords}
+        one = dataclasses.replace(request, random_seed=seed, structure=dataclasses.replace(request.structure), **typed)
         try:
             one.validate()  # a new request: the seed typed is checked with the options
             _sample_once(model, one, as_json)
@@ -404,6 +436,9 @@ def _write_texts(model, request, texts: list[str], as_json: bool) -> None:
             record = {"text": text, "index": i, "seed": request.seed_text, "random_seed": request.random_seed,
                       "length": request.length, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
                       "max_copy": request.max_copy, "model": str(model.directory)}
+            if request.form:
+                record.update(form=request.verse_form().name, candidates=request.candidates,
+                              keywords=list(request.keywords))
             if model.index is not None:  # how much of the sample occurs verbatim in the training text
                 record.update(model.copy_report(text).to_dict())
             else:
@@ -607,8 +642,20 @@ def info(
         rows += [(f"train.{k}", str(v)) for k, v in config.get("train", {}).items()]
         rows += [(f"result.{k}", str(v)) for k, v in config.get("result", {}).items()]
         rows += [("exported", json.dumps(config["exported"]))] if "exported" in config else []
+        rows += [("from", _lineage(config["from"]))] if config.get("from") else []
         rows += [(f"file {k}", _bytes(v)) for k, v in record["files"].items()]
         _emit_table(_table(f"{record['name']}", rows))
+
+
+def _lineage(lineage: dict) -> str:
+    """config.json's `from` in words: 'songci (corpus b86ac3a4..., vocabulary 5,959 + 120 new characters) <- ...'."""
+    parts = []
+    while lineage:
+        sha = lineage.get("corpus_sha256")
+        parts.append(f"{lineage['name']} (" + (f"corpus {sha[:8]}..., " if sha else "")
+                     + f"vocabulary {lineage.get('vocab_size', 0):,} + {lineage.get('new_chars', 0):,} new characters)")
+        lineage = lineage.get("from")
+    return " <- ".join(parts)
 
 
 @app.command()

@@ -36,6 +36,7 @@ class SamplingSettings:
 
 DEFAULT_LENGTH = 200  # characters sampled, when nothing else ends the sample
 SONG_ROOM = 20_000  # characters allowed per song asked for (--songs) when no length is given
+DEFAULT_CANDIDATES = 16  # with --form: clauses written per clause, the likeliest kept (a 七绝 in ~0.2 s on 1 core)
 
 
 @dataclass
@@ -93,6 +94,12 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         return cls(**_known(cls, data))
 
+    @classmethod
+    def fine_tuning(cls, **changes: Any) -> "TrainConfig":
+        """The settings for a run that starts from a trained model (train --from): FINE_TUNING's
+        defaults instead of the usual ones, then `changes`."""
+        return cls(**{**FINE_TUNING, **changes})
+
     def validate(self) -> None:
         """Raise UsageError (naming the train option) for a setting that cannot work."""
         check_choice("--tokenizer", self.tokenizer, TOKENIZERS)
@@ -117,6 +124,18 @@ class TrainConfig:
             check_range("--epochs", self.epochs, 0, MAX_EPOCHS)
         if self.time_limit is not None:
             check_range("--time-limit in seconds", self.time_limit, 0, MAX_SECONDS)
+
+
+# A run that starts from a trained model (--from) on a small corpus: the network already knows the
+# language, so a gentler peak rate that falls when the new text's held-out songs stop improving,
+# validated often (a small corpus is a few steps per epoch) and stopped early.
+FINE_TUNING: dict[str, Any] = {
+    "lr": 1e-3,  # half the default peak (5e-4 measured a little worse on 200 pop songs from songci)
+    "warmup_steps": 20,  # the fresh optimizer's moments settle before the peak
+    "lr_schedule": "plateau",  # halved after every second validation without improvement
+    "eval_every": 20,  # optimizer steps between validations
+    "patience": 6,  # validations without improvement before stopping
+}
 
 
 def check_range(name: str, value: Any, low: float, high: float, *, integer: bool = False,

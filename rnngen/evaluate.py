@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rnngen.checkpoint import LoadedModel
+from rnngen.modeldir import LoadedModel
 from rnngen.data import Corpus, count_chars, is_stream, read_corpus, split_songs, train_val_split
 from rnngen.device import autocast
 from rnngen.errors import CorpusError

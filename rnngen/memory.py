@@ -7,13 +7,14 @@ A prediction mixes three distributions over the next token:
   the current song, so a chorus comes back (it is emptied at each end of song).
 The weights depend on how much context each count model matched (the n-gram's order, the cache's
 match length): one weight triple per pair, fitted by EM on the validation songs at the end of
-training and kept in config.json ("song_memory"). The base model is the same mixture without the
+training and kept in config.json ("mixture"). The base model is the same mixture without the
 cache, with its own weights.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,11 @@ class Mixture:
 
     full: np.ndarray  # (ngram_order, CACHE_ORDER + 1, 3)
     base: np.ndarray  # (ngram_order, 2)
+
+    @cached_property
+    def base3(self) -> np.ndarray:
+        """The base weights with a zero cache part: (ngram_order, 3), as `full` lays them out."""
+        return np.concatenate([self.base, np.zeros((len(self.base), 1))], 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {"cache_order": self.full.shape[1] - 1, "full": np.round(self.full, 6).tolist(),
@@ -242,7 +248,55 @@ class SongState:
 def mix(mixture: Mixture, ngram, logits: torch.Tensor, songs: list[SongState]) -> torch.Tensor:
     """The network's logits (batch, vocab) -> the log-probabilities of the mixture (batch, vocab):
     row b mixes the network with the n-gram and song memory of songs[b]. Stateless: the songs are
-    only read (pick() pushes each chosen token afterwards)."""
+    only read (pick() pushes each chosen token afterwards). All rows at once: the n-gram's
+    distributions come as a few weights per row and sparse entries (KneserNey.terms), the song
+    caches' offers as sparse entries, and the dense work is a handful of (batch, vocab) steps, each
+    rounded on its own, so a row's numbers never depend on the other rows."""
+    rows, vocab = logits.shape
+    out = torch.softmax(logits.float(), -1)  # float32: sampling needs no more (evaluation mixes in float64)
+    terms = ngram.terms([song.history for song in songs]) if ngram is not None else None
+    order = terms.order if terms is not None else np.ones(rows, dtype=np.int64)
+    k = np.zeros(rows, dtype=np.int64)
+    memory = np.zeros(rows, dtype=bool)
+    cache_rows, cache_tokens, cache_shares = [], [], []
+    for b, song in enumerate(songs):
+        if not song.memory:
+            continue
+        memory[b] = True
+        k[b], places = song.cache.match()
+        if places:
+            seen = song.cache.counts(places)
+            total = sum(seen.values())
+            cache_rows += [b] * len(seen)
+            cache_tokens += list(seen)
+            cache_shares += [c / total for c in seen.values()]
+    w = np.where(memory[:, None], mixture.full[order - 1, k], mixture.base3[order - 1])  # (rows, 3)
+    if terms is None:
+        dense = np.stack([w[:, 0], np.zeros(rows), w[:, 1] / vocab], 1)
+        unigram = torch.zeros(vocab)
+    else:
+        dense = np.stack([w[:, 0], w[:, 1] * terms.unigram_weight, w[:, 1] * terms.uniform / vocab], 1)
+        unigram = torch.from_numpy(terms.unigram32)
+    coef = torch.from_numpy(dense.astype(np.float32))
+    out *= coef[:, :1]
+    out += coef[:, 1:2] * unigram
+    out += coef[:, 2:]
+    # each n-gram order's entries, then the cache's, added one part at a time: a part holds a token
+    # once per row, so every element's sum runs in the same order whatever the other rows are
+    parts = [] if terms is None else [(r, t, w[r, 1] * v) for r, t, v in terms.entries]
+    if cache_rows:
+        r = np.array(cache_rows)
+        parts.append((r, np.array(cache_tokens), w[r, 2] * np.array(cache_shares)))
+    for r, t, v in parts:
+        if len(r):
+            out.index_put_((torch.from_numpy(r), torch.from_numpy(t)), torch.from_numpy(v.astype(np.float32)),
+                           accumulate=True)
+    return out.clamp_min_(1e-30).log_().to(logits.device)
+
+
+def mix_rows(mixture: Mixture, ngram, logits: torch.Tensor, songs: list[SongState]) -> torch.Tensor:
+    """mix(), one row at a time in float64: about twice as fast for one or two rows (no batch
+    set-up), slower for many; a row's numbers agree with mix()'s to float32 rounding, not bit for bit."""
     p_net = torch.softmax(logits.float(), -1).cpu().numpy().astype(np.float64)
     vocab = p_net.shape[1]
     out = np.empty_like(p_net)

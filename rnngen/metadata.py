@@ -6,12 +6,18 @@
     model                  object, required: config.ModelConfig's fields
     train                  object: config.TrainConfig's fields
     corpus                 object: sha256, bytes, sources (list of paths), encoding
-    fine_tuned_from_corpus object or null: `corpus` of the text a fine-tuned model learnt first
+    from                   object: the trained model this one started from (train --from; FROM_KEYS): its
+                           name and path (an export keeps the name only), its corpus's sha256, its
+                           vocab_size (every id below it is the base's), the new_chars added after
+                           them, and the base's own `from`
+    fine_tuned_from_corpus object or null: `corpus` of the text a model fine-tuned in place (--fine-tune,
+                           before --from) learnt first (read, never written)
     result                 object: how training ended (RESULT_KEYS)
-    song_memory            object or null: the mixture weights (memory.Mixture)
+    mixture                object or null: the weights of network, n-gram and song cache (memory.Mixture)
+    song_memory            the same, as models before rnngen 0.2 called it (read, never written)
     exported               object: set by `rnngen export` (from, dtype, at)
 
-A file that breaks any of this is damaged: read_config (checkpoint.py) raises a ModelError that
+A file that breaks any of this is damaged: read_config (modeldir.py) raises a ModelError that
 says where, so no caller ever meets a value of the wrong shape.
 """
 
@@ -38,6 +44,8 @@ RESULT_KEYS: dict[str, tuple[type, ...]] = {
 }
 HELDOUT_KEYS = ("bits_per_char", "bits_per_char_base", "bits_per_char_network", "tokens", "characters")
 CORPUS_KEYS: dict[str, tuple[type, ...]] = {"sha256": (str,), "bytes": (int,), "sources": (list,), "encoding": (str,)}
+FROM_KEYS: dict[str, tuple[type, ...]] = {"name": (str,), "path": (str,), "corpus_sha256": (str, type(None)),
+                                          "vocab_size": (int,), "new_chars": (int,), "from": (dict,)}
 
 
 class Damaged(ValueError):
@@ -61,20 +69,27 @@ def check(meta: Any) -> dict[str, Any]:
             _fields(corpus, key, CORPUS_KEYS)
             if not all(isinstance(s, str) for s in corpus.get("sources") or []):
                 raise Damaged(f"{key}.sources must be a list of paths")
+    lineage, where = _kind(meta, "from", (dict,)), "from"
+    while lineage is not None:  # the base's own lineage is nested in it, and so on
+        _fields(lineage, where, FROM_KEYS)
+        if not isinstance(lineage.get("name"), str):
+            raise Damaged(f"{where}.name must be text")
+        lineage, where = lineage.get("from"), where + ".from"
     result = _kind(meta, "result", (dict,))
     if result:
         _fields(result, "result", RESULT_KEYS)
         heldout = result.get("heldout")
         if heldout is not None and not all(isinstance(heldout.get(k), Real) for k in HELDOUT_KEYS):
             raise Damaged(f"result.heldout must give {', '.join(HELDOUT_KEYS)} as numbers")
-    memory = _kind(meta, "song_memory", (dict, type(None)))
-    if memory is not None:
-        from rnngen.memory import Mixture
+    for key in ("mixture", "song_memory"):
+        weights = _kind(meta, key, (dict, type(None)))
+        if weights is not None:
+            from rnngen.memory import Mixture
 
-        try:
-            Mixture.from_dict(memory)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise Damaged(f"song_memory: {exc}") from None
+            try:
+                Mixture.from_dict(weights)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise Damaged(f"{key}: {exc}") from None
     _kind(meta, "exported", (dict,))
     return meta
 

@@ -15,6 +15,21 @@ RNN_MODULES: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # nn.RNN / nn.LSTM layout: (layers, batch, hidden)
 
 
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # rows of each layer's weight matrices, in hidden_size units
+
+
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor RNNLM(config).state_dict() holds, worked out without building
+    it (a damaged config then costs no allocation, and no meta-device start-up: ~1 s on first use)."""
+    G, H, E, V = GATES[config.rnn_type] * config.hidden_size, config.hidden_size, config.embedding_dim, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"embedding.weight": (V, E)}
+    for layer in range(config.num_layers):
+        shapes.update({f"rnn.weight_ih_l{layer}": (G, E if layer == 0 else H), f"rnn.weight_hh_l{layer}": (G, H),
+                       f"rnn.bias_ih_l{layer}": (G,), f"rnn.bias_hh_l{layer}": (G,)})
+    shapes.update({"head.weight": (V, H), "head.bias": (V,)})
+    return shapes
+
+
 class RNNLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

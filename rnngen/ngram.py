@@ -2,8 +2,10 @@
 
 The network is mixed with it (Mikolov et al. 2011): on small corpora the counts know exact phrases
 that a network trained for minutes has not learnt. The model directory keeps only the training ids
-(ngram.safetensors, xz-compressed); the count tables are rebuilt from them on load (about a second
-for 2 M tokens).
+(ngram.safetensors, xz-compressed: the tables are 30-60x larger); the count tables are built from
+them once (about 1.7 s for 2 M tokens) and kept in the user's cache directory ($RNNGEN_CACHE, else
+platformdirs' user cache), keyed by the ids file's hash, where later loads map them from disk in
+milliseconds. A cache that cannot be written or read is only a slower load.
 
 Tables: the m-grams of each order m are numbered by np.unique over key = index of their first m-1
 tokens (an (m-1)-gram) * V + last token, so an m-gram's context is key // V, and the contexts of
@@ -13,8 +15,12 @@ token.
 
 from __future__ import annotations
 
+import hashlib
 import lzma
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,8 @@ from rnngen.files import atomic_write
 from rnngen.layout import NGRAM_FILE
 
 ORDER = 5  # n-gram length: 4 tokens of context
+CACHE_VARIABLE = "RNNGEN_CACHE"
+TABLES_VERSION = 1  # bumped when the tables' layout or arithmetic changes: older caches are then ignored
 MAX_TOKENS = 5_000_000  # larger corpora get no n-gram: counting it on every load would take seconds
 
 
@@ -39,18 +47,18 @@ class _Order:
 class KneserNey:
     """p(token | up to ORDER-1 previous tokens), smoothed down to a uniform distribution over the vocabulary."""
 
-    def __init__(self, ids: np.ndarray, vocab_size: int, order: int = ORDER):
+    def __init__(self, ids: np.ndarray, vocab_size: int, order: int = ORDER, levels: list[_Order] | None = None):
         self.ids = np.ascontiguousarray(ids, dtype=np.int64)
         self.vocab_size = vocab_size
-        self.order = order
-        self.levels: list[_Order] = []
-        self._build()
+        self.order = min(order, len(self.ids)) if levels is None else len(levels)
+        self.levels: list[_Order] = levels or []
+        if levels is None:
+            self._build()
 
     # ---- building ------------------------------------------------------------------------------
 
     def _build(self) -> None:
-        ids, V = self.ids, self.vocab_size
-        self.order = min(self.order, len(ids))  # a text shorter than the order has no longer grams
+        ids, V = self.ids, self.vocab_size  # (a text shorter than the order has no longer grams)
         grams, ends, indexes = [], [], []  # per order: (keys, counts); where each m-gram first ends; position -> m-gram
         for m in range(1, self.order + 1):
             t = np.arange(m - 1, len(ids))
@@ -93,6 +101,11 @@ class KneserNey:
         if not path.exists():
             return None
         try:
+            key = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+        except OSError as exc:
+            raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
+        cached = _cached_levels(key, vocab_size)
+        try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 packed = f.get_tensor("ids_xz").numpy().tobytes()
@@ -102,7 +115,11 @@ class KneserNey:
             raise ModelError(f"{path} is damaged ({exc})") from None
         if int(meta.get("vocab_size", -1)) != vocab_size or not 1 <= order <= 8 or (len(ids) and ids.max() >= vocab_size):
             raise ModelError(f"{path} does not match this model's vocabulary; the directory mixes files")
-        return cls(ids, vocab_size, order)
+        if cached is not None and len(cached) == min(order, len(ids)):
+            return cls(ids, vocab_size, order, cached)
+        model = cls(ids, vocab_size, order)
+        _cache_levels(key, vocab_size, model.levels)
+        return model
 
     # ---- scoring --------------------------------------------------------------------------------
 
@@ -147,6 +164,84 @@ class KneserNey:
             out.append(ctx)
         return out
 
+    def terms(self, histories: list[list[int]]) -> "Terms":
+        """The next token's distribution after each history, as a few numbers per row and the sparse
+        entries of the orders above the unigram (a dense (rows, V) table would be mostly copies of
+        the unigram): p[b] = uniform[b] / V + unigram_weight[b] * unigram + entries of row b. One
+        numpy pass per order over all rows; equal to distribution() up to float rounding."""
+        V, rows = self.vocab_size, len(histories)
+        contexts = self._contexts(histories)
+        found = np.ones(rows, dtype=np.int64)
+        for m, ctx in enumerate(contexts[1:], start=2):
+            found[ctx >= 0] = m
+        # weights from the top order down: an order's entries are scaled by the back-offs above it
+        above = np.ones(rows)
+        rows_at, tokens_at, values_at = [], [], []  # per order (highest first): lists of pieces
+        for m in range(len(contexts), 0, -1):
+            ctx = contexts[m - 1]
+            live = np.flatnonzero(ctx >= 0)
+            level = self.levels[m - 1]
+            c = ctx[live]
+            if m > 1:
+                rows_at.append([]), tokens_at.append([]), values_at.append([])
+            if m > 1 and len(live) <= 4:  # a few rows: slices (the same numbers, less overhead)
+                for b, cb in zip(live.tolist(), c.tolist()):
+                    lo, hi = level.first[cb], level.first[cb + 1]
+                    rows_at[-1].append(np.full(hi - lo, b))
+                    tokens_at[-1].append(level.keys[lo:hi] - cb * V)
+                    values_at[-1].append(level.prob[lo:hi] * above[b])
+            elif m > 1:
+                lo, hi = level.first[c], level.first[c + 1]
+                counts = hi - lo
+                at = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(lo, counts)
+                rows_at[-1].append(np.repeat(live, counts))
+                tokens_at[-1].append(level.keys[at] - np.repeat(c * V, counts))
+                values_at[-1].append(level.prob[at] * np.repeat(above[live], counts))
+            if m == 1:
+                unigram_weight = above.copy()
+            above[live] *= level.backoff[c]
+        return Terms(uniform=above, unigram_weight=unigram_weight, unigram=self._unigram(), unigram32=self._unigram32,
+                     entries=[(np.concatenate(r), np.concatenate(t), np.concatenate(v))
+                              for r, t, v in zip(rows_at, tokens_at, values_at) if r], order=found)
+
+    def _contexts(self, histories: list[list[int]]) -> list[np.ndarray]:
+        """Per order, each history's context index (-1: unseen); orders no history reaches are left out.
+        A few rows are looked up one by one (scalar searches are cheap), many in one pass per token."""
+        rows, V = len(histories), self.vocab_size
+        if rows <= 4:
+            table = np.array([self.context(h) for h in histories], dtype=np.int64).reshape(rows, -1)
+            for m in range(1, table.shape[1]):  # an order whose context is unseen hides the higher ones
+                table[:, m] = np.where(table[:, m - 1] < 0, -1, table[:, m])
+            columns = [table[:, m] for m in range(table.shape[1])]
+        else:
+            width = max(self.order - 1, 0)
+            tails = np.full((rows, width), -1, dtype=np.int64)  # the last order-1 tokens, right-aligned
+            for b, h in enumerate(histories):
+                recent = h[-width:] if width else []
+                if recent:
+                    tails[b, width - len(recent):] = recent
+            columns, alive = [np.zeros(rows, dtype=np.int64)], np.ones(rows, dtype=bool)
+            for m in range(2, self.order + 1):  # walk each context's tokens through the lower orders
+                ctx = np.zeros(rows, dtype=np.int64)
+                for j, column in enumerate(range(width - (m - 1), width)):
+                    tok = tails[:, column]
+                    i, hit = _find(self.levels[j], ctx * V + np.maximum(tok, 0))
+                    alive = alive & hit & (tok >= 0)
+                    ctx = np.where(alive, i, 0)
+                columns.append(np.where(alive, ctx, -1))
+        while len(columns) > 1 and not (columns[-1] >= 0).any():
+            columns.pop()
+        return columns
+
+    def _unigram(self) -> np.ndarray:
+        """The unigram level's discounted shares as a (V,) vector (its one context is the empty one)."""
+        if getattr(self, "_dense_unigram", None) is None:
+            level = self.levels[0]
+            dense = np.zeros(self.vocab_size)
+            dense[np.asarray(level.keys[level.first[0]:level.first[1]])] = level.prob[level.first[0]:level.first[1]]
+            self._dense_unigram, self._unigram32 = dense, dense.astype(np.float32)
+        return self._dense_unigram
+
     def distribution(self, history: list[int]) -> tuple[np.ndarray, int]:
         """The next token's whole distribution (V,), and the longest order whose context was seen."""
         V = self.vocab_size
@@ -161,6 +256,66 @@ class KneserNey:
             p[level.keys[lo:hi] - ctx * V] += level.prob[lo:hi]  # one entry per token: no repeats
             found = m
         return p, found
+
+
+@dataclass
+class Terms:
+    """KneserNey.terms(): rows of next-token distributions in parts (see there)."""
+
+    uniform: np.ndarray  # (rows,) weight of the uniform 1/V
+    unigram_weight: np.ndarray  # (rows,) weight of `unigram`
+    unigram: np.ndarray  # (V,) the unigram level's shares
+    unigram32: np.ndarray  # the same in float32
+    entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per higher order: rows, tokens, values (a token once per row)
+    order: np.ndarray  # (rows,) the longest order whose context was seen
+
+
+def cache_dir() -> Path:
+    """Where built tables are kept: $RNNGEN_CACHE, else the per-user cache directory."""
+    value = os.environ.get(CACHE_VARIABLE, "").strip()
+    if value:
+        return Path(value).expanduser() / "ngram"
+    from platformdirs import user_cache_path
+
+    return user_cache_path("rnngen", appauthor=False) / "ngram"
+
+
+def _folder(key: str, vocab_size: int) -> Path:
+    return cache_dir() / f"{key}-v{vocab_size}-t{TABLES_VERSION}"
+
+
+def _cached_levels(key: str, vocab_size: int) -> list[_Order] | None:
+    """The tables built from the ids file with this hash, mapped from the cache (None: not there or unreadable)."""
+    folder = _folder(key, vocab_size)
+    try:
+        count = len(list(folder.glob("keys-*.npy")))
+        levels = []
+        for m in range(1, count + 1):
+            arrays = {f.name: np.load(folder / f"{f.name}-{m}.npy", mmap_mode="r", allow_pickle=False) for f in fields(_Order)}
+            levels.append(_Order(**{k: a.view(np.ndarray) for k, a in arrays.items()}))  # still mapped; plain arrays index faster
+    except (OSError, ValueError):
+        levels = []
+    if levels and all(len(lv.keys) == len(lv.prob) and len(lv.first) == len(lv.backoff) + 1 for lv in levels):
+        return levels
+    shutil.rmtree(folder, ignore_errors=True)  # damaged (a crash mid-write elsewhere): built again, then kept
+    return None
+
+
+def _cache_levels(key: str, vocab_size: int, levels: list[_Order]) -> None:
+    """Keep built tables for the next load: written into a temporary folder, then renamed into place."""
+    folder = _folder(key, vocab_size)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+        try:
+            for m, level in enumerate(levels, start=1):
+                for f in fields(_Order):
+                    np.save(staging / f"{f.name}-{m}.npy", np.ascontiguousarray(getattr(level, f.name)), allow_pickle=False)
+            os.replace(staging, folder)  # another process that got there first wins; ours goes
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError:
+        pass  # a read-only or full cache: the next load builds the tables again
 
 
 def _level(keys: np.ndarray, counts: np.ndarray, contexts: int, V: int) -> _Order:

@@ -35,10 +35,13 @@ SAMPLE_OPTIONS: tuple[Option, ...] = (
     Option("line_length", "--line-length", "line_length", None),
     Option("acrostic", "--acrostic", "acrostic", ""),
     Option("rhyme", "--rhyme", "rhyme", ""),
-    Option("rhyme_book", "--rhyme-book", "rhyme_book", "xinyun"),
+    Option("rhyme_book", "--rhyme-book", "rhyme_book", None),  # the form's book with --form, else xinyun
     Option("repetition_penalty", "--repetition-penalty", "repetition_penalty", 1.0),
     Option("max_copy", "--max-copy", "max_copy", None),
     Option("song_memory", "--no-song-memory", "song_memory", True),  # the flag turns it off
+    Option("form", "--form", "form", ""),
+    Option("candidates", "--candidates", "candidates", None),  # DEFAULT_CANDIDATES with a form, else 1
+    Option("keywords", "--keywords", "keywords", ""),
 )
 BY_NAME = {o.name: o for o in SAMPLE_OPTIONS}
 

@@ -81,7 +81,8 @@ class TrainDisplay:
             if "val_bpc" in info:
                 self.val_bpc = f"{info['val_bpc']:.3f}"
             saved = " (saved)" if info.get("saved") else ""
-            self.console.print(f"step {info['step']}: val {self.val_bpc} bits/char{saved} | {info['preview']!r}",
+            self.console.print(f"step {info['step']}: val {self.val_bpc} bits/char, network alone{saved} | "
+                               f"{info['preview']!r}",
                                style="dim", highlight=False, markup=False)
         elif kind == "done":
             self.progress.update(self.task, completed=1000)

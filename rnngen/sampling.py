@@ -17,6 +17,7 @@ apart, which can change an occasional draw.
 
 from __future__ import annotations
 
+import copy
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -24,12 +25,15 @@ from typing import Iterator, Sequence
 
 import torch
 
-from rnngen.checkpoint import LoadedModel
+from rnngen.modeldir import LoadedModel
 from rnngen.config import (DEFAULT_LENGTH, MAX_SEED, MAX_VOCAB, SONG_ROOM, SamplingSettings, check_range,
                            check_text)
+from rnngen.compose import DEFAULT_CANDIDATES, MAX_CANDIDATES, is_han, open_form, parse_keywords, room
 from rnngen.constraints import LyricsConstraint, Structure, parse_line_lengths
 from rnngen.errors import Incomplete, UsageError
-from rnngen.memory import SongState, mix
+from rnngen.forms import Form, find_form
+from rnngen.rhymebook import load_book
+from rnngen.memory import SongState, mix, mix_rows
 from rnngen.novelty import DEPTH, CopyGuard, CorpusIndex, token_pieces
 from rnngen.tokenizer import newline_id
 
@@ -53,6 +57,9 @@ class SampleRequest:
     structure: Structure = field(default_factory=Structure)  # lines, line lengths, acrostic, rhyme
     max_copy: int | None = None  # no run longer than this may occur verbatim in the training text
     song_memory: bool = True  # let each song draw on its own earlier text (choruses come back)
+    form: str = ""  # a verse form's name or alias (forms.FORMS): the sample is one poem in that form
+    candidates: int = 1  # with a form: clauses written per clause, the likeliest kept
+    keywords: tuple[str, ...] = ()  # with a form: words that appear verbatim, where a plan puts them
     dead_ends: int = 0  # set while sampling: tokens where every choice the structure allowed was a copy
 
     def validate(self) -> None:
@@ -76,6 +83,48 @@ class SampleRequest:
         self.structure.validate()
         if self.structure.acrostic and self.seed_text:
             raise UsageError("--acrostic chooses how the song starts; leave out --seed", "acrostic")
+        check_range("--candidates", self.candidates, 1, MAX_CANDIDATES, integer=True, field="candidates")
+        check_text("--form", self.form, "form")
+        if self.form:
+            self._validate_form()
+        elif self.candidates > 1 or self.keywords:
+            option = "--candidates" if self.candidates > 1 else "--keywords"
+            raise UsageError(f"{option} works with a verse form; give --form too ('rnngen forms' lists them)",
+                             "candidates" if self.candidates > 1 else "keywords")
+
+    def _validate_form(self) -> None:
+        """A form sets the clauses, their lengths and rhymes: the options that set them otherwise are refused."""
+        form = self.verse_form()
+        s = self.structure
+        clashes = [flag for flag, given in (("--lines", s.lines is not None), ("--line-length", s.line_lengths),
+                                             ("--rhyme", s.rhyme), ("--seed", self.seed_text),
+                                             ("--songs", self.songs), ("--stop-at-end", self.stop_at_end)) if given]
+        if clashes:
+            raise UsageError(f"--form {form.name} sets the clauses, their lengths and rhymes, and writes the whole "
+                             f"poem; leave out {', '.join(clashes)}", "form")
+        if not all(is_han(c) for c in s.acrostic):
+            raise UsageError(f"--acrostic with --form takes Han characters, one for each clause's start (got "
+                             f"{s.acrostic!r})", "acrostic")
+        if len(s.acrostic) > form.clause_count:
+            raise UsageError(f"--acrostic has {len(s.acrostic)} characters but {form.name} has {form.clause_count} "
+                             "clauses", "acrostic")
+        for word in self.keywords:
+            check_text("--keywords", word, "keywords")
+            if not word or not all(is_han(c) for c in word):
+                raise UsageError(f"--keywords takes words of Han characters separated by commas, such as 春风,明月 "
+                                 f"(got {word!r})", "keywords")
+        if self.length < room(form):
+            raise UsageError(f"--length {self.length} leaves no room for {form.name} ({room(form)} characters with "
+                             "its punctuation and line breaks); leave --length out", "length")
+
+    def verse_form(self) -> Form | None:
+        """The request's verse form (UsageError naming close names for an unknown one), or None."""
+        if not self.form:
+            return None
+        try:
+            return find_form(self.form)
+        except UsageError as exc:
+            raise UsageError(str(exc), "form") from None
 
 
 def make_request(
@@ -93,30 +142,49 @@ def make_request(
     line_length: int | str | Sequence[int] | None = None,
     acrostic: str = "",
     rhyme: str = "",
-    rhyme_book: str = "xinyun",
+    rhyme_book: str | None = None,
     repetition_penalty: float = 1.0,
     max_copy: int | None = None,
     song_memory: bool = True,
+    form: str = "",
+    candidates: int | None = None,
+    keywords: str | Sequence[str] = "",
 ) -> SampleRequest:
     """A checked SampleRequest from plain options (options.SAMPLE_OPTIONS: generate's keywords).
 
     `length` defaults to DEFAULT_LENGTH, or to room for every line or song asked for
-    (default_length); `line_length` is 7, "5,7,5" or [5, 7, 5]."""
+    (default_length), or for the form; `line_length` is 7, "5,7,5" or [5, 7, 5]; `rhyme_book`
+    defaults to the form's book (平水韵 for 诗, 词林正韵 for 词), else xinyun; `candidates` to
+    DEFAULT_CANDIDATES with a form, else 1; `keywords` is "春风,明月" or a list."""
     if isinstance(line_length, str):
         lengths = parse_line_lengths(line_length)
     elif isinstance(line_length, int):
         lengths = [line_length]
     else:
         lengths = list(line_length or [])
+    verse = _known_form(form)
+    if rhyme_book is None:
+        rhyme_book = verse.default_book if verse is not None else "xinyun"
     structure = Structure(lines=lines, line_lengths=lengths, acrostic=acrostic, rhyme=rhyme, rhyme_book=rhyme_book,
                           repetition_penalty=repetition_penalty)
     if length is None:
-        length = default_length(structure, songs)
+        length = room(verse) if verse is not None else default_length(structure, songs)
+    if candidates is None:
+        candidates = DEFAULT_CANDIDATES if form else 1
     request = SampleRequest(seed_text=seed, length=length, settings=SamplingSettings(temperature, top_k, top_p),
                             num_samples=num_samples, random_seed=random_seed, stop_at_end=stop_at_end,
-                            songs=songs, structure=structure, max_copy=max_copy, song_memory=song_memory)
+                            songs=songs, structure=structure, max_copy=max_copy, song_memory=song_memory,
+                            form=form, candidates=candidates, keywords=parse_keywords(keywords))
     request.validate()
     return request
+
+
+def _known_form(name: str) -> Form | None:
+    """The form `name` names, or None (no form, or an unknown name: SampleRequest.validate says so)."""
+    try:
+        return find_form(name) if isinstance(name, str) and name else None
+    except UsageError:
+        return None
 
 
 def default_length(structure: Structure, songs: int | None) -> int:
@@ -230,6 +298,29 @@ class Stream:
         self.steps += 1
         return self.writer.push(token, self.constraint is not None and self.constraint.done(0))
 
+    def candidate(self, generator: torch.Generator) -> "Stream":
+        """A copy that writes on alone (rules, copy guard and song state its own) with `generator`:
+        one candidate for the next clause. The writer stays this stream's (see adopt)."""
+        other = Stream.__new__(Stream)
+        other.__dict__.update(self.__dict__)
+        other.generator = generator
+        other.constraint = self.constraint.copy() if self.constraint is not None else None
+        if self.guard is not None:
+            other.guard = copy.copy(self.guard)
+            other.guard.tails = list(self.guard.tails)
+        other.song = self.song.fork() if self.song is not None else None
+        return other
+
+    def adopt(self, chosen: "Stream", tokens: list[int]) -> str:
+        """Go on from the candidate kept (its rules, guard and song state), writing its `tokens`."""
+        self.constraint, self.guard, self.song = chosen.constraint, chosen.guard, chosen.song
+        done = self.constraint is not None and self.constraint.done(0)
+        text = ""
+        for k, token in enumerate(tokens):
+            self.steps += 1
+            text += self.writer.push(token, done and k == len(tokens) - 1)
+        return text
+
     @property
     def done(self) -> bool:
         return self.writer.done or self.steps >= self.max_tokens
@@ -239,9 +330,9 @@ class Stream:
         r = self.request
         if r.songs and self.writer.songs_left > 0 and not r.stop_at_end:
             return f"{r.songs - self.writer.songs_left} of {r.songs} songs"
-        total = r.structure.total_lines()
+        total = self.constraint.total if r.form else r.structure.total_lines()
         if self.constraint is not None and total and not self.constraint.done(0):
-            return f"{self.constraint.line[0]} of {total} lines"
+            return f"{self.constraint.line[0]} of {total} {'clauses' if r.form else 'lines'}"
         return None
 
 
@@ -290,8 +381,14 @@ class Sampler:
         if s.top_k > tok.vocab_size:
             raise UsageError(f"--top-k {s.top_k} is larger than the model's vocabulary ({tok.vocab_size} tokens)", "top_k")
         seed_ids = tok.encode(request.seed_text)
+        generator = torch.Generator(self.device).manual_seed(resolve_seed(request) + sample)
         constraint = None
-        if request.structure.active:
+        form = request.verse_form()
+        if form is not None:  # the variant is drawn with the stream's own generator
+            st = request.structure
+            constraint = open_form(form, load_book(st.rhyme_book), tok, generator, st.acrostic, request.keywords,
+                                   st.repetition_penalty)
+        elif request.structure.active:
             constraint = LyricsConstraint(request.structure, tok, 1)
             for token in seed_ids:  # the seed's characters count towards the first line
                 constraint.update(torch.tensor([token]))
@@ -315,7 +412,6 @@ class Sampler:
                 if songs is not None:
                     songs[key] = fed
             song = fed.fork()
-        generator = torch.Generator(self.device).manual_seed(resolve_seed(request) + sample)
         return Stream(request, generator, prompt, constraint, guard, song, Writer(request, tok))
 
     # ---- the network ----
@@ -350,12 +446,16 @@ class Sampler:
 
     # ---- choosing ----
 
-    def pick(self, streams: list[Stream], logits: torch.Tensor) -> list[int]:
+    def pick(self, streams: list[Stream], logits: torch.Tensor, logprobs: list[float] | None = None) -> list[int]:
         """Each stream's next token from the network's logits (one row per stream, in order), by its
-        own rules and its own random draws; every stream's state then learns its token."""
-        if self.mixture is not None:
-            logits = mix(self.mixture, self.ngram, logits, [s.song for s in streams])
+        own rules and its own random draws; every stream's state then learns its token. `logprobs`
+        (a list): filled with each chosen token's log-probability under the model's own prediction,
+        before the rules and the temperature (what candidates are scored by)."""
+        if self.mixture is not None:  # exact: the batched mix, whose rows never depend on each other
+            mixing = mix if self.exact or len(streams) > 2 else mix_rows
+            logits = mixing(self.mixture, self.ngram, logits, [s.song for s in streams])
         logits = logits.float() + self.ban  # a new tensor: the rules below may change it in place
+        plain = logits.clone() if logprobs is not None else None
         for j, s in enumerate(streams):
             if s.constraint is not None:
                 s.constraint.mask(logits[j : j + 1])
@@ -380,6 +480,9 @@ class Sampler:
                 s.constraint.update(torch.tensor([tokens[j]]))
             if s.song is not None:
                 s.song.push(tokens[j])
+        if logprobs is not None:
+            rows = torch.arange(len(tokens), device=plain.device)
+            logprobs[:] = torch.log_softmax(plain, -1)[rows, torch.tensor(tokens, device=plain.device)].tolist()
         return tokens
 
     # ---- a fixed batch ----
@@ -393,7 +496,7 @@ class Sampler:
             for i in range(len(streams)):
                 yield i, request.seed_text
         try:
-            yield from self._run(streams)
+            yield from self._run_candidates(streams) if request.candidates > 1 else self._run(streams)
         finally:  # also when the reader stops early (a closed pipe)
             request.dead_ends = sum(s.guard.dead_ends for s in streams if s.guard is not None)
         short = [(i, s.shortfall()) for i, s in enumerate(streams) if s.shortfall()]
@@ -425,6 +528,48 @@ class Sampler:
                 idx = torch.tensor(keep, dtype=torch.long)
                 rows, tokens, state = [rows[j] for j in keep], [tokens[j] for j in keep], state_rows(state, idx)
             logits, state = self.step(tokens, state)
+
+
+    @torch.inference_mode()
+    def _run_candidates(self, streams: list[Stream]) -> Iterator[tuple[int, str]]:
+        """A form, clause by clause: every live sample writes the clause `candidates` times in one
+        batch (each candidate its own copy of the rules, song state and copy guard, and its own random
+        generator drawn from the sample's), and keeps the candidate whose tokens the model finds
+        likeliest (mean log-probability; all candidates of a clause have the same number of tokens)."""
+        n = streams[0].request.candidates
+        self.prepare(len(streams) * n)
+        first, one = self.prefill(streams[0].prompt)
+        live = list(range(len(streams)))
+        logits = first.expand(len(live), -1)
+        state = state_rows(one, torch.zeros(len(live), dtype=torch.long))
+        while live:
+            rows = [streams[i].candidate(torch.Generator(self.device).manual_seed(seed))
+                    for i in live for seed in torch.randint(2**62, (n,), generator=streams[i].generator,
+                                                                   device=self.device).tolist()]
+            spread = torch.arange(len(live)).repeat_interleave(n)
+            logits, state = logits.index_select(0, spread.to(logits.device)), state_rows(state, spread)
+            chosen: list[list[int]] = [[] for _ in rows]
+            scores = torch.zeros(len(rows), dtype=torch.float64)
+            logprobs: list[float] = []
+            while True:
+                tokens = self.pick(rows, logits, logprobs)
+                scores += torch.tensor(logprobs, dtype=torch.float64)
+                for c, token in zip(chosen, tokens):
+                    c.append(token)
+                if all(r.constraint.at_clause_start or r.constraint.done(0) for r in rows):
+                    break
+                logits, state = self.step(tokens, state)
+            best = [j * n + int(scores[j * n:(j + 1) * n].argmax()) for j in range(len(live))]
+            for i, b in zip(live, best):
+                text = streams[i].adopt(rows[b], chosen[b])
+                if text:
+                    yield i, text
+            keep = [j for j, i in enumerate(live) if not streams[i].done]
+            if not keep:
+                return
+            picked = torch.tensor([best[j] for j in keep], dtype=torch.long)
+            live = [live[j] for j in keep]
+            logits, state = self.step([chosen[best[j]][-1] for j in keep], state_rows(state, picked))
 
 
 def back_off(stream: Stream, row: torch.Tensor, token: int) -> int:

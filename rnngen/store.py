@@ -8,12 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rnngen.checkpoint import foreign_entries, is_model_dir, locked, read_config, remove_token_cache, write_config
+from rnngen.modeldir import foreign_entries, is_model_dir, locked, read_config, remove_token_cache, write_config
 from rnngen.errors import ModelError, UsageError
 from rnngen.files import atomic_write
 from rnngen.home import BUNDLED_NAME, all_models, bundled_dir, check_name, home
-from rnngen.layout import (CHAR_FILE, CONFIG_FILE, INDEX_FILE, LOCK_FILE, MODEL_FILES, NGRAM_FILE, SPM_FILE, STAGING_DIR,
-                           WEIGHTS_FILE)
+from rnngen.layout import CONFIG_FILE, INDEX_FILE, LOCK_FILE, MODEL_FILES, SAMPLING_FILES, STAGING_DIR, WEIGHTS_FILE
 
 EXPORT_DTYPES = ("fp16", "fp32")
 
@@ -43,6 +42,7 @@ def summary(name: str, directory: Path, meta: dict[str, Any] | None = None) -> d
         "size_bytes": _size(directory),
         "bundled": directory == bundled_dir(),
         "exported": "exported" in meta,
+        "from": (meta.get("from") or {}).get("name"),  # the model it started from (train --from), if any
     }
 
 
@@ -130,7 +130,7 @@ def export(directory: Path, out: Path, dtype: str = "fp16", index: bool = False)
 
         want = torch.float16 if dtype == "fp16" else torch.float32
         atomic_write(out / WEIGHTS_FILE, save({k: v.to(want).contiguous() for k, v in tensors.items()}))
-        wanted = [CHAR_FILE, SPM_FILE, NGRAM_FILE] + ([INDEX_FILE] if index else [])
+        wanted = [n for n in SAMPLING_FILES if n not in (CONFIG_FILE, WEIGHTS_FILE)] + ([INDEX_FILE] if index else [])
         for name in wanted:
             if (directory / name).is_file():
                 atomic_write(out / name, (directory / name).read_bytes())
@@ -141,6 +141,10 @@ def export(directory: Path, out: Path, dtype: str = "fp16", index: bool = False)
         for key in ("corpus", "fine_tuned_from_corpus"):
             if isinstance(meta.get(key), dict):
                 meta[key]["sources"] = [Path(s).name for s in meta[key].get("sources") or []]
+        lineage = meta.get("from")
+        while lineage:  # the bases' names stay, their paths go
+            lineage.pop("path", None)
+            lineage = lineage.get("from")
         write_config(out, meta)
     except (OSError, ValueError) as exc:
         _undo(out, created)
@@ -153,7 +157,7 @@ def export(directory: Path, out: Path, dtype: str = "fp16", index: bool = False)
 
 def _undo(out: Path, created: bool) -> None:
     """Remove what a failed export wrote (only its own files)."""
-    for name in (WEIGHTS_FILE, CHAR_FILE, SPM_FILE, NGRAM_FILE, INDEX_FILE, CONFIG_FILE):
+    for name in (*SAMPLING_FILES, INDEX_FILE):
         (out / name).unlink(missing_ok=True)
     if created:
         try:

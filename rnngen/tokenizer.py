@@ -13,7 +13,7 @@ import torch
 
 from rnngen.errors import CorpusError, ModelError
 from rnngen.files import atomic_write
-from rnngen.layout import CHAR_FILE, SPM_FILE
+from rnngen.layout import CHAR_FILE, CONFIG_FILE, SPM_FILE
 
 UNK, EOS = "<unk>", "<eos>"
 
@@ -60,6 +60,12 @@ class CharTokenizer:
     def train(cls, texts: Iterable[str]) -> "CharTokenizer":
         seen = torch.unique(torch.cat([codepoints(t) for t in texts] or [codepoints("")]))
         return cls([chr(c) for c in seen.tolist() if c != 0])
+
+    def extended(self, chars: Iterable[str]) -> "CharTokenizer":
+        """This vocabulary with the characters of `chars` it lacks appended, in their order: every old
+        character keeps its id (train --from grows a model's vocabulary this way)."""
+        new = [c for c in dict.fromkeys(chars) if c not in self.stoi and c not in (UNK, EOS)]
+        return CharTokenizer([*self.itos[2:], *new])
 
     def encode(self, text: str) -> list[int]:
         get = self.stoi.get
@@ -217,4 +223,4 @@ def load_tokenizer(kind: str, directory: Path) -> Tokenizer:
         return CharTokenizer.load(directory)
     if kind == "spm":
         return SpmTokenizer.load(directory)
-    raise ModelError(f"unknown tokenizer kind {kind!r} in {directory / 'config.json'}")
+    raise ModelError(f"unknown tokenizer kind {kind!r} in {directory / CONFIG_FILE}")

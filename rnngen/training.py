@@ -1,4 +1,6 @@
-"""Training: truncated BPTT with carried state, AdamW, warm-up + cosine/plateau LR, early stopping, resume."""
+"""Training: truncated BPTT with carried state, AdamW, the learning-rate Schedule (by default warm-up,
+then the peak held, then a cosine decay over the last quarter of the budget: "wsd"), early stopping,
+resume."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,26 +18,26 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from rnngen.checkpoint import (
+from rnngen.modeldir import (
     LoadedModel, abandon, begin, build_meta, check_out_dir,
     commit, load_model, locked, load_trainer_state, read_config, remove_if_only_ours, save_trainer_state, save_weights, write_config,
 )
-from rnngen import memory, tokens
+from rnngen import memory, tokencache
+from rnngen.grow import CALIBRATION_TOKENS, Base, grow_model, open_base
 from rnngen.config import MAX_SEED, ModelConfig, TrainConfig
 from rnngen.data import BatchStream, Corpus, CorpusFiles, Position
 from rnngen.device import autocast, pick_device, pick_dtype
 from rnngen.distributed import World, join, leave, process_rank
 from rnngen.errors import CorpusError, Diverged, ModelError, UsageError
 from rnngen.files import append_line, atomic_write
-from rnngen.layout import INDEX_FILE, METRICS_FILE, NGRAM_FILE, STAGING_DIR, TRAINER_FILE, WEIGHTS_FILE
+from rnngen.layout import CONFIG_FILE, INDEX_FILE, METRICS_FILE, NGRAM_FILE, STAGING_DIR, TRAINER_FILE, WEIGHTS_FILE
 from rnngen.model import RNNLM, sum_nll
 from rnngen.ngram import MAX_TOKENS as MAX_NGRAM_TOKENS, KneserNey
 from rnngen.novelty import MAX_INDEX_CHARS, CorpusIndex
 from rnngen.sampling import Sampler, make_request
-from rnngen.tokenizer import load_tokenizer
+from rnngen.tokenizer import CharTokenizer, load_tokenizer
 
 ProgressFn = Callable[[str, dict[str, Any]], None]
-BUDGET_KEYS = ("max_steps", "epochs", "time_limit", "patience")
 
 
 @dataclass
@@ -46,18 +49,37 @@ class TrainResult:
     best_val_bpc: float | None  # the network alone
     val_bpc: float | None = None  # the model's prediction: network, n-gram and song memory
     val_bpc_base: float | None = None  # network and n-gram, without song memory
+    heldout: dict[str, Any] | None = None  # what `rnngen evaluate` (and `rnngen models`) give: metadata.HELDOUT_KEYS
 
 
-def lr_factor(cfg: TrainConfig, step: int, progress: float, plateau_scale: float) -> float:
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
-    if cfg.lr_schedule in ("cosine", "wsd"):
-        # wsd: hold the peak, then the same cosine decay compressed into the last part of the budget
-        start = 1.0 - cfg.decay_fraction if cfg.lr_schedule == "wsd" else 0.0
-        p = min(1.0, max(0.0, progress - start) / (1.0 - start))
-        return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-    if cfg.lr_schedule == "plateau":
-        return warm * plateau_scale
-    return warm
+class Schedule:
+    """The learning rate over a run, all of it here. Every schedule warms up linearly over
+    warmup_steps. wsd (the default): the peak `lr` held, then a cosine decay to lr * min_lr_ratio
+    over the last decay_fraction of the budget (steps or time); cosine: that decay over the whole
+    budget; plateau: the peak halved after every second validation in a row without improvement;
+    constant: the peak."""
+
+    def __init__(self, cfg: TrainConfig, plateau_scale: float = 1.0) -> None:
+        self.cfg = cfg
+        self.plateau_scale = plateau_scale  # plateau: the halvings so far (kept in trainer.pt)
+
+    def rate(self, step: int, progress: float) -> float:
+        """The rate for optimizer step `step`, `progress` (0..1) through the budget."""
+        cfg = self.cfg
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+        factor = 1.0
+        if cfg.lr_schedule in ("cosine", "wsd"):
+            start = 1.0 - cfg.decay_fraction if cfg.lr_schedule == "wsd" else 0.0
+            p = min(1.0, max(0.0, progress - start) / (1.0 - start))
+            factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+        elif cfg.lr_schedule == "plateau":
+            factor = self.plateau_scale
+        return cfg.lr * warm * factor
+
+    def validated(self, bad_evals: int) -> None:
+        """Told after each validation how many in a row have not improved."""
+        if self.cfg.lr_schedule == "plateau" and bad_evals and bad_evals % 2 == 0:
+            self.plateau_scale *= 0.5
 
 
 def _param_groups(model: RNNLM, weight_decay: float) -> list[dict]:
@@ -81,7 +103,7 @@ def train(
     *,
     resume: bool = False,
     force: bool = False,
-    fine_tune: bool = False,
+    base: str | os.PathLike | None = None,
     budget_overrides: dict[str, Any] | None = None,
     device: str = "auto",
     on_progress: ProgressFn | None = None,
@@ -92,10 +114,19 @@ def train(
     `model_options` are ModelConfig's fields but vocab_size; `budget_overrides` (max_steps, epochs,
     time_limit, patience) also apply to a resumed run. The directory is locked for the run. A fresh
     run is built beside whatever `out_dir` holds and replaces it only at its first complete save
-    (checkpoint.commit), so a run that fails or is killed before then changes nothing.
+    (modeldir.commit), so a run that fails or is killed before then changes nothing.
+
+    `base` (a model's name, "songci", or a directory; see grow.py) starts the new model from that
+    trained one instead of from random weights: its network (model_options are not used), its
+    vocabulary grown by the corpus's new characters. The base is only read. With `resume`, `base`
+    must be the one the run in `out_dir` started from (a stopped run resumes without it too).
     """
     main = process_rank() == 0  # under torchrun only rank 0 writes
     created = not out_dir.exists()
+    start = open_base(base, config) if base is not None else None
+    if start is not None and out_dir.resolve() == start.directory.resolve():
+        raise UsageError(f"--from {start.spec} is the model this run would write: the model a run starts from is "
+                         "never changed; give the new model another --name or --out")
     if main:
         check_out_dir(out_dir, resume, force)  # refuse before creating anything
     try:
@@ -110,9 +141,11 @@ def train(
                 if asked and not resume and on_progress:
                     on_progress("info", {"message": f"the last run in {out_dir} stopped before its first save: "
                                                     "starting from the beginning"})
+                if asked and not resume and start is None and os.environ.get("WORLD_SIZE", "1") == "1":
+                    start = _staged_base(out_dir, config)  # a --from run that never saved starts from its base again
                 begin(out_dir, fresh=not resume)
             try:
-                return _train(corpus, out_dir, model_options, config, resume, fine_tune, budget_overrides, device,
+                return _train(corpus, out_dir, model_options, config, resume, start, budget_overrides, device,
                               on_progress, should_stop)
             except BaseException:
                 if main:
@@ -124,7 +157,16 @@ def train(
             remove_if_only_ours(out_dir)  # failed before its first save: leave no trace
 
 
-def _train(corpus, out_dir, model_options, config, resume, fine_tune, budget_overrides, device, on_progress,
+def _staged_base(out_dir: Path, config: TrainConfig) -> Base | None:
+    """The base of a --from run in `out_dir` that was killed before its first save (None: it had none)."""
+    try:
+        lineage = read_config(out_dir / STAGING_DIR).get("from")
+    except ModelError:
+        return None
+    return open_base(lineage["path"], config) if lineage and lineage.get("path") else None
+
+
+def _train(corpus, out_dir, model_options, config, resume, base: Base | None, budget_overrides, device, on_progress,
            should_stop) -> TrainResult:
     """train() inside the directory's lock (its arguments, as train() documents them): set up
     (settings, token cache, model, saved state), then run the training loop (_Run.run)."""
@@ -136,18 +178,20 @@ def _train(corpus, out_dir, model_options, config, resume, fine_tune, budget_ove
     started = time.perf_counter()
 
     # 1. the settings: a resumed run's own, with the new budget
-    saved, scanned, tokenizer, new_corpus = None, None, None, False
+    saved, scanned, tokenizer = None, None, None
     if resume:
         meta = read_config(out_dir)
+        if base is not None and not base.started(meta):
+            how = f"started from {meta['from'].get('name')}" if meta.get("from") else "trained from scratch"
+            raise UsageError(f"{out_dir} was {how}, not from {base.spec}: resume it with --resume alone, or start "
+                             f"a new model from {base.spec} with --from and another --name or --out")
         if world.main:  # the hash alone first: with an unchanged corpus the token cache is likely still good
-            scanned = tokens.scan(corpus, emit, full=False)
+            scanned = tokencache.scan(corpus, emit, full=False)
         sha = world.share_digest(scanned.sha256 if scanned else "")
-        new_corpus = meta.get("corpus", {}).get("sha256") != sha
-        if new_corpus and not fine_tune:
+        if meta.get("corpus", {}).get("sha256") != sha:
             raise CorpusError(
-                f"this corpus differs from the one {out_dir} was trained on (SHA-256 mismatch); "
-                "resume with the same text, add --fine-tune to continue on new text on purpose, "
-                "or train a new model with --name"
+                f"this corpus differs from the one {out_dir} was trained on (SHA-256 mismatch); resume with the "
+                f"same text, or start a new model from this one on the new text: --from {out_dir} --name NEW"
             )
         config = replace(TrainConfig.from_dict(meta["train"]), **(budget_overrides or {}))
         model_config = ModelConfig.from_dict(meta["model"])
@@ -162,32 +206,42 @@ def _train(corpus, out_dir, model_options, config, resume, fine_tune, budget_ove
 
     # 2. the token cache: rank 0 tokenises the corpus into the model directory once; the other ranks wait
     if world.main:
-        reuse = scanned is not None and tokens.cached(out_dir, scanned.sha256, config, tokenizer)
+        if base is not None and not resume:  # the base's vocabulary, and after it the new text's characters it lacks
+            scanned = tokencache.scan(corpus, emit)
+            tokenizer = base.tokenizer.extended(tokencache.training_chars(corpus, scanned, config, emit))
+        reuse = resume and tokencache.cached(out_dir, scanned.sha256, config, tokenizer)
         if not reuse:
-            tokenizer, scanned = tokens.build(corpus, out_dir, config, tokenizer, emit, scanned)
+            tokenizer, scanned = tokencache.build(corpus, out_dir, config, tokenizer, emit, scanned)
         if not resume:
             tokenizer.save(work)
         emit("tokenized", {"bytes": scanned.bytes, "seconds": time.perf_counter() - started, "cached": reuse})
     sha = world.share_digest(scanned.sha256 if scanned else "")
     if tokenizer is None:  # every rank uses the very tokenizer rank 0 saved
         tokenizer = load_tokenizer(config.tokenizer, work)
-    data = tokens.load(out_dir, sha)
+    data = tokencache.load(out_dir, sha)
     corpus_info = {"sha256": sha, "bytes": scanned.bytes if scanned else 0, "sources": corpus.sources,
                    "encoding": corpus.encoding}
 
     # 3. the model: a new one is written with its config, copy-check index and n-gram
     if not resume:
         torch.manual_seed(config.seed)
-        try:
-            model_config = ModelConfig(vocab_size=tokenizer.vocab_size, **model_options)
-            model_config.validate()
-            model = RNNLM(model_config)
-        except ValueError as exc:
-            raise UsageError(f"{exc}; set --embedding-dim to --hidden-size or drop --tie-weights") from None
-        model.init_output_bias(torch.from_numpy(data.counts))
+        if base is not None:
+            model, model_config, lineage = _from_base(base, tokenizer, data, emit)
+        else:
+            try:
+                model_config = ModelConfig(vocab_size=tokenizer.vocab_size, **model_options)
+                model_config.validate()
+                model = RNNLM(model_config)
+            except ValueError as exc:
+                raise UsageError(f"{exc}; set --embedding-dim to --hidden-size or drop --tie-weights") from None
+            model.init_output_bias(torch.from_numpy(data.counts))
         if world.main:
-            write_config(work, build_meta(model_config, config, tokenizer, corpus_info))
-            _write_index(work, corpus, scanned.bytes, emit)
+            meta = build_meta(model_config, config, tokenizer, corpus_info)
+            if base is not None:
+                meta["from"] = lineage
+            write_config(work, meta)
+            # a model from a base can copy the base's text too: the copy check knows both
+            _write_index(work, corpus, scanned.bytes, emit, before=CorpusIndex.load(base.directory) if base else None)
             _write_ngram(work, data.train, tokenizer, emit)
     else:
         model = RNNLM(model_config)
@@ -195,36 +249,33 @@ def _train(corpus, out_dir, model_options, config, resume, fine_tune, budget_ove
     # 4. the run: optimizer and data position, restored from trainer.pt when resuming
     run = _Run(world, dev, dtype, out_dir, work, config, model, tokenizer, data, emit, should_stop)
     if saved is not None:
-        run.restore(saved, new_corpus)
+        run.restore(saved)
         if world.main:  # a kill after the last save may have logged later validations: they will come again
             _truncate_metrics(out_dir / METRICS_FILE, run.step)
-    if resume and world.main:
-        if not new_corpus and not (out_dir / NGRAM_FILE).exists():
-            _write_ngram(out_dir, data.train, tokenizer, emit)  # a model from before n-grams: it gets one now
-        if new_corpus:
-            _note_fine_tuning(out_dir, corpus, scanned.bytes, data, tokenizer, corpus_info, emit)
+    if resume and world.main and not (out_dir / NGRAM_FILE).exists():
+        _write_ngram(out_dir, data.train, tokenizer, emit)  # a model from before n-grams: it gets one now
     return run.run()
 
 
-def _note_fine_tuning(out_dir: Path, corpus, size: int, data: tokens.TokenData, tokenizer, corpus_info: dict,
-                      emit: ProgressFn) -> None:
-    """A resumed run on new text: say how much of it is unknown; the config, index and n-gram follow it."""
+def _from_base(base: Base, tokenizer: CharTokenizer, data: tokencache.TokenData,
+               emit: ProgressFn) -> tuple[RNNLM, ModelConfig, dict[str, Any]]:
+    """The base's network with the grown vocabulary (grow.grow_model), its config, and the lineage for config.json."""
+    added = tokenizer.vocab_size - base.tokenizer.vocab_size
+    sample = torch.from_numpy(np.asarray(data.train[:CALIBRATION_TOKENS]).astype(np.int64))
+    model = grow_model(base.loaded.model, tokenizer.vocab_size, data.counts, sample)
     unknown = int(data.counts[tokenizer.unk_id])
-    emit("info", {"message": f"fine-tuning on new text: {unknown:,} of its {len(data.train):,} training tokens "
-                             "are outside the model's vocabulary and read as unknown"})
-    meta = read_config(out_dir)
-    meta["corpus"], meta["fine_tuned_from_corpus"] = corpus_info, meta.get("corpus")
-    write_config(out_dir, meta)
-    _write_index(out_dir, corpus, size, emit, before=CorpusIndex.load(out_dir))  # the model knows both
-    _write_ngram(out_dir, data.train, tokenizer, emit)  # the counts follow the new text
+    emit("info", {"message": f"starting from {base.spec} ({base.directory}): its {base.tokenizer.vocab_size - 2:,} "
+                             f"characters keep their ids; {added:,} new ones from this corpus get new rows"
+                             + (f"; {unknown:,} training tokens are still unknown" if unknown else "")})
+    return model, model.config, base.lineage(added)
 
 
 class _Run:
     """One training run: the model, its optimizer, the data position and the bookkeeping of the
-    best validation so far. run() is the loop; step(), validate() and checkpoint() its parts."""
+    best validation so far. run() is the loop; train_step(), validate(), checkpoint() and finish() its parts."""
 
     def __init__(self, world: World, dev: torch.device, dtype: torch.dtype, out_dir: Path, work: Path,
-                 config: TrainConfig, model: RNNLM, tokenizer, data: tokens.TokenData, emit: ProgressFn,
+                 config: TrainConfig, model: RNNLM, tokenizer, data: tokencache.TokenData, emit: ProgressFn,
                  should_stop: Callable[[], bool]) -> None:
         self.world, self.dev, self.out_dir, self.work, self.config = world, dev, out_dir, work, config
         self.model, self.tokenizer, self.emit, self.should_stop = model, tokenizer, emit, should_stop
@@ -248,13 +299,14 @@ class _Run:
         self.dtype = dtype
         self.scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
         self.total_steps = _total_steps(config, self.batches.windows_per_epoch)
-        self.step, self.elapsed, self.best, self.bad_evals, self.plateau_scale = 0, 0.0, math.inf, 0, 1.0
+        self.step, self.elapsed, self.best, self.bad_evals = 0, 0.0, math.inf, 0
+        self.schedule = Schedule(config)
         self.hidden = None
         self.saved_step: int | None = None  # the step of the last checkpoint
         self.losses: list[float] = []
 
-    def restore(self, saved: dict[str, Any], new_corpus: bool) -> None:
-        """Continue from trainer.pt exactly; `new_corpus` (fine-tuning) starts the new text from its start."""
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from trainer.pt exactly."""
         model = self.model
         _check_saved_shapes(self.out_dir, saved, model)
         try:
@@ -262,14 +314,12 @@ class _Run:
             self.opt.load_state_dict(saved["optimizer"])
             self.batches.pos = Position(**saved["position"])
             self.step, self.elapsed, self.best = saved["step"], saved["elapsed"], saved["best"]
-            self.bad_evals, self.plateau_scale = saved["bad_evals"], saved["plateau_scale"]
+            self.bad_evals, self.schedule.plateau_scale = saved["bad_evals"], saved["plateau_scale"]
             hidden = tuple(self.batches.my_rows(t).to(self.dev) for t in saved["hidden"]) if saved["hidden"] else None
             if model.config.rnn_type != "lstm" and hidden is not None:
                 hidden = hidden[0]
             self.hidden = hidden
             torch.set_rng_state(saved["rng"])
-            if new_corpus:  # fine-tuning: same weights and optimizer, new text from its start
-                self.batches.pos, self.hidden, self.best, self.bad_evals = Position(), None, math.inf, 0
             if saved.get("scaler"):
                 self.scaler.load_state_dict(saved["scaler"])
         except (KeyError, TypeError, RuntimeError, ValueError) as exc:
@@ -319,7 +369,7 @@ class _Run:
         t0 = time.perf_counter()
         config, model = self.config, self.model
         for group in self.opt.param_groups:
-            group["lr"] = config.lr * lr_factor(config, self.step, self.progress(), self.plateau_scale)
+            group["lr"] = self.schedule.rate(self.step, self.progress())
         x, y, fresh = self.batches.next()
         if fresh:
             self.hidden = None  # a new epoch starts the streams afresh
@@ -372,8 +422,7 @@ class _Run:
             record["saved"] = True
         else:
             self.bad_evals += 1
-            if self.config.lr_schedule == "plateau" and self.bad_evals % 2 == 0:
-                self.plateau_scale *= 0.5
+        self.schedule.validated(self.bad_evals)
         if world.main:
             append_line(self.work / METRICS_FILE, json.dumps(record, allow_nan=False))
             record["preview"] = _preview(model, self.tokenizer, self.config.seed + self.step)
@@ -397,7 +446,7 @@ class _Run:
             "model": model.state_dict(), "optimizer": self.opt.state_dict(),
             "position": {"epoch": self.batches.pos.epoch, "window": self.batches.pos.window},
             "step": self.step, "elapsed": self.elapsed, "best": self.best, "bad_evals": self.bad_evals,
-            "plateau_scale": self.plateau_scale, "rng": torch.get_rng_state(), "scaler": self.scaler.state_dict(),
+            "plateau_scale": self.schedule.plateau_scale, "rng": torch.get_rng_state(), "scaler": self.scaler.state_dict(),
             "hidden": gathered,  # (layers, global batch, hidden): the same layout for any number of processes
         })
         if self.work != self.out_dir:  # the first complete save of a fresh run: it replaces what out_dir held
@@ -419,13 +468,14 @@ class _Run:
         if stop_reason != "interrupted" and best_loss is not None:
             self.emit("info", {"message": "fitting song memory on the validation songs"})
             mix, figures = _fit_song_memory(out_dir, self.dev, self.val_ids, self.val_chars_per_token, self.amp)
-            meta["song_memory"] = mix.to_dict()
+            meta.pop("song_memory", None)  # the key's old name
+            meta["mixture"] = mix.to_dict()
             meta["result"].update(figures)
             meta["result"]["heldout"] = _heldout(out_dir, self.dev, mix, self.val_all, self.val_chars,
                                                  self.tokenizer.eos_id)
         write_config(out_dir, meta)
         result = TrainResult(out_dir, step, stop_reason, best_loss, best_bpc, meta["result"].get("val_bpc"),
-                             meta["result"].get("val_bpc_base"))
+                             meta["result"].get("val_bpc_base"), meta["result"].get("heldout"))
         self.emit("done", {"steps": step, "stop_reason": stop_reason, "best_val_bpc": best_bpc,
                            "val_bpc": result.val_bpc})
         return result
@@ -484,7 +534,7 @@ def _check_saved_shapes(out_dir: Path, saved: dict[str, Any], model: RNNLM) -> N
             raise ModelError(f"cannot resume from {out_dir / TRAINER_FILE}: it lacks {name}; it is not this model's")
         if have.shape != want.shape:
             raise ModelError(f"cannot resume from {out_dir / TRAINER_FILE}: {name} has shape {tuple(have.shape)}, "
-                             f"but {out_dir / 'config.json'} makes it {tuple(want.shape)}; the files come from different runs")
+                             f"but {out_dir / CONFIG_FILE} makes it {tuple(want.shape)}; the files come from different runs")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

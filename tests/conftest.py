@@ -50,6 +50,7 @@ def lock_free(directory: Path) -> bool:
 def pytest_configure(config) -> None:
     """Nothing a test runs may write into the user's real model home, not even outside a test."""
     os.environ["RNNGEN_HOME"] = tempfile.mkdtemp(prefix="rnngen-test-home-")
+    os.environ["RNNGEN_CACHE"] = tempfile.mkdtemp(prefix="rnngen-test-cache-")  # built n-gram tables
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +58,7 @@ def model_home(tmp_path: Path, monkeypatch) -> Path:
     """Every test gets its own empty model home (RNNGEN_HOME), never the user's real one."""
     home = tmp_path / "home"
     monkeypatch.setenv("RNNGEN_HOME", str(home))
+    monkeypatch.setenv("RNNGEN_CACHE", str(tmp_path.parent / f"{tmp_path.name}-cache"))  # beside the test's files
     return home
 
 

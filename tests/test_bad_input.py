@@ -101,13 +101,17 @@ def test_bf16_where_unsupported_or_fp16_on_cpu(runner, songs_file, tmp_path, mon
     assert "--device" in line
 
 
-def test_fine_tune_on_purpose(runner, songs_file, tmp_path):
+def test_new_text_makes_a_new_model_from_the_old(runner, songs_file, tmp_path):
     out = tmp_path / "m"
     assert train(runner, songs_file, out).exit_code == 0
     other = tmp_path / "other.txt"
     other.write_text(make_songs(20, seed=5) + "\n\n全新的字\n", encoding="utf-8")
-    result = runner.invoke(app, ["train", str(other), "--out", str(out), "--fine-tune", "--max-steps", "4", "--threads", "1"])
+    line = one_error_line(runner.invoke(app, ["train", str(other), "--out", str(out), "--resume", "--threads", "1"]))
+    assert "differs" in line and f"--from {out}" in line
+    assert "--from" in one_error_line(runner.invoke(app, ["train", str(other), "--out", str(out), "--resume",
+                                                          "--fine-tune"]), 2)
+    result = runner.invoke(app, ["train", str(other), "--from", str(out), "--out", str(tmp_path / "m2"),
+                                 "--max-steps", "4", "--threads", "1"])
     assert result.exit_code == 0, result.stderr
-    assert "outside the model's vocabulary" in result.stderr
-    meta = json.loads((out / "config.json").read_text())
-    assert meta["corpus"]["sources"] == [str(other.resolve())] and meta["fine_tuned_from_corpus"]
+    meta = json.loads((tmp_path / "m2" / "config.json").read_text())
+    assert meta["corpus"]["sources"] == [str(other.resolve())] and meta["from"]["new_chars"] >= 0

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import rnngen.novelty
-from rnngen.checkpoint import load_model
+from rnngen.modeldir import load_model
 from rnngen.layout import COMPLETE_MARK, STAGING_DIR
 from rnngen.cli import app
 from rnngen.errors import Diverged, ModelError
@@ -302,17 +302,17 @@ def test_a_signal_while_waiting_for_a_stream_stops_at_once(songs_file, tmp_path,
 # a long phase before the first step, made long on purpose: the copy-check index or the token cache
 SLOW = """
 import sys, time
-import rnngen.novelty, rnngen.tokens
+import rnngen.novelty, rnngen.tokencache
 phase = sys.argv.pop(1)
 if phase == "index":
     rnngen.novelty.CorpusIndex.build = classmethod(lambda cls, text: time.sleep(60))
 else:
-    routed = rnngen.tokens._routed
+    routed = rnngen.tokencache._routed
     def slow(*args):
         for piece in routed(*args):
             yield piece
             time.sleep(60)
-    rnngen.tokens._routed = slow
+    rnngen.tokencache._routed = slow
 from rnngen.cli import main
 sys.argv[0] = "rnngen"
 main()

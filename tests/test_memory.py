@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rnngen.checkpoint import load_model
+from rnngen.modeldir import load_model
 from rnngen.cli import app
 from rnngen.memory import CACHE_ORDER, SongCache, SongState, cache_scores, mix, mixed_probs, parts
 from rnngen.ngram import KneserNey
@@ -156,7 +156,7 @@ def test_evaluate_reports_with_and_without_song_memory(runner, chorus_model, tmp
     assert without["song_memory"] is False
     config = json.loads((chorus_model.directory / "config.json").read_text())
     assert config["result"]["val_bpc"] < config["result"]["val_bpc_base"]  # fitted on the validation songs
-    assert set(config["song_memory"]) == {"cache_order", "full", "base"}
+    assert set(config["mixture"]) == {"cache_order", "full", "base"} and "song_memory" not in config
 
 
 @pytest.mark.parametrize("extra", [
@@ -192,7 +192,7 @@ def test_a_model_from_before_song_memory_gets_it_when_resumed(runner, tmp_path):
     assert runner.invoke(app, [*train, "--max-steps", "5"]).exit_code == 0
     (out / "ngram.safetensors").unlink()  # as an older rnngen left it
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    del config["song_memory"]
+    del config["mixture"]
     (out / "config.json").write_text(json.dumps(config), encoding="utf-8")
     assert load_model(out).mixture is None  # the network alone, as before
     result = runner.invoke(app, ["train", str(corpus), "--out", str(out), "--resume", "--max-steps", "10", "-q"])
@@ -223,3 +223,51 @@ def test_a_forked_song_cache_matches_as_one_fed_everything():
             alone.push(t)
         again = forks[f].fork()  # a fork of a fork too
         assert again.match() == alone.match()
+
+
+def test_ngram_tables_are_built_once_then_mapped_from_the_cache(chorus_model, tmp_path, monkeypatch):
+    """The first load builds the count tables and keeps them in $RNNGEN_CACHE; the next maps them
+    (no counting) and predicts exactly the same; a damaged or unwritable cache only costs a rebuild."""
+    from rnngen.ngram import KneserNey, cache_dir
+
+    directory, vocab = chorus_model.directory, chorus_model.tokenizer.vocab_size
+    history = chorus_model.tokenizer.encode("春夏秋冬春夏")
+    built = KneserNey.load(directory, vocab)
+    assert built.levels[-1].keys.flags.owndata
+    mapped = KneserNey.load(directory, vocab)
+    assert not mapped.levels[-1].keys.flags.owndata  # a view of the file, not counted again
+    want = built.distribution(history)
+    assert np.array_equal(mapped.distribution(history)[0], want[0]) and mapped.order == built.order
+
+    for table in cache_dir().rglob("prob-2.npy"):
+        table.write_bytes(table.read_bytes()[:100])  # torn by a crash
+    again = KneserNey.load(directory, vocab)
+    assert np.array_equal(again.distribution(history)[0], want[0])
+    assert not KneserNey.load(directory, vocab).levels[-1].keys.flags.owndata  # the cache was mended
+
+    monkeypatch.setenv("RNNGEN_CACHE", str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("not a folder")
+    assert np.array_equal(KneserNey.load(directory, vocab).distribution(history)[0], want[0])
+
+
+def test_the_batched_mix_gives_each_row_the_same_numbers_alone_or_in_any_batch(chorus_model):
+    """mix() serves the server's changing batches: a stream's numbers must never depend on the
+    others. mix_rows() (one row at a time, for one or two streams) agrees with it closely."""
+    from rnngen.memory import mix_rows
+
+    tok, mixture = chorus_model.tokenizer, chorus_model.mixture
+    g = torch.Generator().manual_seed(0)
+    songs = []
+    for b in range(12):
+        song = SongState(mixture, tok.eos_id, tok.encode("\n")[0], memory=b % 4 != 0)
+        for t in [tok.eos_id, *tok.encode(chorus_songs(1, b)[0][: 5 + 7 * b])]:
+            song.push(t)
+        songs.append(song)
+    logits = torch.randn(12, tok.vocab_size, generator=g) * 3
+    batch = mix(mixture, chorus_model.ngram, logits, songs)
+    alone = torch.cat([mix(mixture, chorus_model.ngram, logits[i : i + 1], songs[i : i + 1]) for i in range(12)])
+    threes = torch.cat([mix(mixture, chorus_model.ngram, logits[i : i + 3], songs[i : i + 3]) for i in range(0, 12, 3)])
+    assert torch.equal(batch, alone) and torch.equal(batch, threes)
+    assert torch.allclose(batch.exp().sum(-1), torch.ones(12), atol=1e-5)
+    rows = mix_rows(mixture, chorus_model.ngram, logits, songs)
+    assert (rows.exp() - batch.exp()).abs().max() < 1e-6

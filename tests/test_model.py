@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rnngen.checkpoint import build_meta, load_model, save_weights, write_config
+from rnngen.modeldir import build_meta, load_model, save_weights, write_config
 from rnngen.config import ModelConfig, TrainConfig
 from rnngen.model import RNNLM, sum_nll
 from rnngen.config import SamplingSettings
@@ -114,3 +114,15 @@ def test_sliced_loss_matches_plain_cross_entropy(monkeypatch, tie):
         assert torch.allclose(sliced[name], p.grad, atol=1e-6), name
     with torch.no_grad():
         assert torch.allclose(model(x, None, y)[2], plain, atol=1e-6)
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_parameter_shapes_are_the_state_dicts(rnn_type, tie):
+    """Loading checks a weights file against shapes worked out from the config alone: they must be
+    exactly what the model holds."""
+    from rnngen.config import ModelConfig
+    from rnngen.model import parameter_shapes
+
+    config = ModelConfig(vocab_size=11, rnn_type=rnn_type, num_layers=3, hidden_size=6, embedding_dim=6, tie_weights=tie)
+    assert parameter_shapes(config) == {k: tuple(v.shape) for k, v in RNNLM(config).state_dict().items()}

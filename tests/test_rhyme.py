@@ -115,7 +115,7 @@ def test_free_rhymes_with_random_logits(scheme, book):
 
 @pytest.mark.parametrize("scheme", ["AABB", "ABAB"])
 def test_free_rhymes_with_a_trained_model(trained_dir, scheme):
-    from rnngen.checkpoint import load_model
+    from rnngen.modeldir import load_model
 
     loaded = load_model(trained_dir)
     model, tok = loaded.model.eval(), loaded.tokenizer

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from rnngen.checkpoint import load_trainer_state
+from rnngen.modeldir import load_trainer_state
 from rnngen.files import atomic_write
 from rnngen.cli import app
 from rnngen.errors import ModelError
@@ -173,7 +173,7 @@ def test_absolute_and_dotted_names_stay_inside_models(runner, tmp_path, monkeypa
 
 @pytest.mark.parametrize("signals,code", [(("SIGTERM",), 143), (("SIGINT", "SIGINT"), 130)])
 def test_sigterm_and_double_ctrl_c_leave_a_loadable_model(songs_file, tmp_path, signals, code):
-    from rnngen.checkpoint import load_model, load_trainer_state
+    from rnngen.modeldir import load_model, load_trainer_state
 
     out = tmp_path / "m"
     _, returncode, err = interrupt_training(songs_file, out, *signals)

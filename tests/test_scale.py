@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import rnngen.data as data
-from rnngen import tokens
+from rnngen import tokencache as tokens
 from rnngen.config import TrainConfig
 from rnngen.data import BatchStream, Corpus, held_out, iter_text, open_corpus, read_corpus, split_songs, train_val_split
 from rnngen.tokenizer import CharTokenizer
@@ -141,11 +141,12 @@ def test_cache_reused_on_resume_and_rebuilt_for_a_new_corpus(tmp_path):
     assert [info["cached"] for kind, info in events if kind == "tokenized"] == [True]
     assert {info["stage"] for kind, info in events if kind == "tokenize"} == {"hashing"}
 
-    path.write_text(make_songs(30, seed=9), encoding="utf-8")
-    train(open_corpus([str(path)]), out, {}, TrainConfig(), resume=True, fine_tune=True, budget_overrides={"max_steps": 10})
+    path.write_text(make_songs(30, seed=9), encoding="utf-8")  # new text: a new model from this one (--from)
+    train(open_corpus([str(path)]), tmp_path / "m2", {}, small_config(max_steps=10), base=out)
     new_sha = read_corpus([str(path)]).sha256
-    assert sorted(f.name for f in (out / "tokens").iterdir()) == [f"{new_sha}.json", f"{new_sha}.train.u8",
-                                                                  f"{new_sha}.val.u8"]
+    assert sorted(f.name for f in (tmp_path / "m2" / "tokens").iterdir()) == [
+        f"{new_sha}.json", f"{new_sha}.train.u8", f"{new_sha}.val.u8"]
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # the base's cache is left alone
 
 
 def old_batches(data: torch.Tensor, stream: BatchStream, windows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

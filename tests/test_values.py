@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rnngen import checkpoint
-from rnngen.checkpoint import load_model
+from rnngen import modeldir
+from rnngen.modeldir import load_model
 from rnngen.cli import app
 from rnngen.config import ModelConfig, TrainConfig
 from rnngen.constraints import Structure
@@ -181,14 +181,14 @@ def edited_copy(trained_dir: Path, tmp_path: Path, **model_changes) -> Path:
 def no_real_models(monkeypatch):
     """Fails the test if load_model builds a model anywhere but on the meta device (no memory)."""
     built = []
-    real = checkpoint.RNNLM
+    real = modeldir.RNNLM
 
     def spy(config):
         model = real(config)
         built.append(next(model.parameters()).device.type)
         return model
 
-    monkeypatch.setattr(checkpoint, "RNNLM", spy)
+    monkeypatch.setattr(modeldir, "RNNLM", spy)
     yield
     assert set(built) <= {"meta"}, built
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 import rnngen
+from rnngen.errors import UsageError
 from rnngen.sampling import PREFILL_CHUNK, SampleRequest, Sampler, cat_states, state_rows
 
 log = logging.getLogger("rnngen.server")
@@ -122,6 +123,9 @@ class Engine:
              songs: dict | None = None) -> Stream:
         """A checked stream, not yet running (UsageError for a request the model cannot do); streams
         opened with one `songs` dict read a shared prompt into song memory once (Sampler.open)."""
+        if request.candidates > 1:  # that writes each clause in a batch of its own (Sampler.generate)
+            raise UsageError(f"--candidates {request.candidates}: this server writes a form with one candidate per "
+                             "clause; leave --candidates out or use `rnngen sample`", "candidates")
         return Stream(self.sampler.open(request, songs=songs), stops, sink, tag)
 
     def submit(self, streams: list[Stream]) -> None:

@@ -3,7 +3,8 @@
 Field names and response shapes follow OpenAI's /v1/completions (as llama.cpp, ollama, vLLM and
 LM Studio serve it): `max_tokens` counts characters here, `prompt` is the seed text, and rnngen's
 own options ride along as extra body fields (`top_k`, `lines`, `line_length`, `acrostic`, `rhyme`,
-`max_copy`, `songs`, `repetition_penalty`, `song_memory`, `stop_at_end`).
+`max_copy`, `songs`, `repetition_penalty`, `song_memory`, `stop_at_end`, `form`, `keywords`,
+`candidates`: 1, the default here, as the engine writes a form token by token).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ OPENAI_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "
                  "stream_options", "echo", "logprobs", "best_of", "presence_penalty", "frequency_penalty",
                  "logit_bias", "suffix", "user"}
 RNNGEN_FIELDS = {"top_k", "lines", "line_length", "acrostic", "rhyme", "rhyme_book", "max_copy", "songs",
-                 "repetition_penalty", "song_memory", "stop_at_end"}
+                 "repetition_penalty", "song_memory", "stop_at_end", "form", "candidates", "keywords"}
 
 # the sample options named in the library's messages, as this protocol names them
 @dataclass
@@ -164,11 +165,16 @@ def parse_completion(data: dict[str, Any], limits: Limits) -> Completion:
                "rhyme": _opt(data, "rhyme", str), "rhyme_book": _opt(data, "rhyme_book", str),
                "repetition_penalty": _opt(data, "repetition_penalty", float),
                "max_copy": _opt(data, "max_copy", int), "songs": _opt(data, "songs", int),
-               "stop_at_end": _opt(data, "stop_at_end", bool), "song_memory": _opt(data, "song_memory", bool)}
+               "stop_at_end": _opt(data, "stop_at_end", bool), "song_memory": _opt(data, "song_memory", bool),
+               "form": _opt(data, "form", str), "candidates": _opt(data, "candidates", int),
+               "keywords": _keywords(data.get("keywords"))}
     options = {k: v for k, v in options.items() if v is not None}  # absent: the library's defaults
+    if options.get("form") and "candidates" not in options:
+        options["candidates"] = 1  # the engine writes a form token by token, one candidate per clause
     length = _opt(data, "max_tokens", int)
-    if length is None:  # as the CLI: until the lines, songs or acrostic are done (up to the cap), else 200
-        shaped = any(options.get(k) for k in ("line_length", "acrostic", "rhyme", "songs")) or "lines" in options
+    if length is None:  # as the CLI: until the lines, songs, acrostic or form are done (up to the cap), else 200
+        shaped = any(options.get(k) for k in ("line_length", "acrostic", "rhyme", "songs", "form"))
+        shaped = shaped or "lines" in options
         length = limits.max_tokens if shaped else min(DEFAULT_LENGTH, limits.max_tokens)
     elif not 1 <= length <= limits.max_tokens:
         raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens} on this server (got {length})",
@@ -246,6 +252,15 @@ def _line_length(value: Any) -> int | str | list[int] | None:
         return list(value)
     raise ApiError(400, "line_length must be a number, a pattern such as \"5,7,5\" or a list of numbers",
                    param="line_length", code="invalid_type")
+
+
+def _keywords(value: Any) -> str | list[str] | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ApiError(400, "keywords must be a string such as \"春风,明月\" or a list of strings", param="keywords",
+                   code="invalid_type")
 
 
 def _unsupported(data: dict[str, Any]) -> None:

@@ -114,6 +114,17 @@ def make_split(corpus: Corpus | CorpusFiles, scanned: Scan, val_fraction: float,
     return Split(held, _head_tail(corpus, scanned.song_chars, val_fraction))
 
 
+def training_chars(corpus: Corpus | CorpusFiles, scanned: Scan, config: TrainConfig, emit: Emit) -> list[str]:
+    """The characters of the training songs (what a new char tokenizer would hold), in code point
+    order: one more pass, for train --from, which adds those the base lacks to its vocabulary."""
+    split = make_split(corpus, scanned, config.val_fraction, config.seed)
+    seen = np.zeros(CODES, dtype=bool)
+    for train_text, _ in _routed(corpus, split, _Meter(corpus, emit, "scanning")):
+        seen[_codepoints(train_text)] = True
+    seen[0] = False  # a song's end, not a character
+    return [chr(c) for c in np.flatnonzero(seen).tolist()]
+
+
 def _parts(corpus: Corpus | CorpusFiles) -> Iterator[tuple[list[tuple[str, bool]], int]]:
     cutter, done = SongCutter(), 0
     for text, done in iter_text(corpus):

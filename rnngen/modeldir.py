@@ -21,12 +21,12 @@ from rnngen.config import ModelConfig, TrainConfig, to_dict
 from rnngen.errors import ModelError, UsageError
 from rnngen.files import atomic_write, fsync_dir
 from rnngen.memory import Mixture
-from rnngen.model import RNNLM
+from rnngen.model import RNNLM, parameter_shapes
 from rnngen.layout import (COMPLETE_MARK, CONFIG_FILE, FORMAT_VERSION, LOCK_FILE, MODEL_FILES,
                            STAGING_DIR, TOKENS_DIR, TRAINER_FILE, WEIGHTS_FILE)
 from rnngen.ngram import KneserNey
 from rnngen.tokenizer import Tokenizer, load_tokenizer
-from rnngen.tokens import is_cache_file
+from rnngen.tokencache import is_cache_file
 
 
 @dataclass
@@ -43,7 +43,7 @@ class LoadedModel:
     @cached_property
     def mixture(self) -> Mixture | None:
         """The fitted song-memory weights (None: the network alone, as models before them), parsed once."""
-        data = self.meta.get("song_memory")
+        data = self.meta.get("mixture", self.meta.get("song_memory"))  # "song_memory": before rnngen 0.2
         if data is None:
             return None
         try:
@@ -123,7 +123,7 @@ def check_out_dir(out_dir: Path, resume: bool, force: bool) -> bool:
     of the user's files (with --force only beside them, never over one of them)."""
     if not out_dir.exists():
         if resume:
-            raise ModelError(f"nothing to resume in {out_dir}; train without --resume first")
+            raise ModelError(_nothing_to_resume(out_dir))
         return False
     if not out_dir.is_dir():
         raise ModelError(f"{out_dir} exists and is not a directory; choose another --name or --out")
@@ -132,12 +132,17 @@ def check_out_dir(out_dir: Path, resume: bool, force: bool) -> bool:
             raise ModelError(f"{out_dir} already holds a model; use --resume to continue it, --force to start "
                              "over, or another --name / --out for a new one")
         if resume and is_exported(out_dir):
-            raise ModelError(f"{out_dir} is an exported model: it has no training state (trainer.pt), so it cannot "
-                             "be resumed; resume the model it was exported from, or start over with --force")
+            raise ModelError(f"{out_dir} is an exported model: it has no training state ({TRAINER_FILE}), so it cannot "
+                             f"be resumed; start a new model from it with --from {out_dir} --name NEW, resume the "
+                             "model it was exported from, or start over with --force")
+        if resume and not any((d / TRAINER_FILE).is_file() for d in (out_dir, out_dir / STAGING_DIR)):
+            raise ModelError(f"{out_dir} holds a model but no training state ({TRAINER_FILE}) to resume from (a copy "
+                             f"or a model trained elsewhere); start a new model from it with --from {out_dir} "
+                             "--name NEW, or start over with --force")
         return resume
     foreign = foreign_entries(out_dir)
     if resume and not (out_dir / STAGING_DIR).is_dir():  # a started run that never saved: begin again
-        raise ModelError(f"nothing to resume in {out_dir}; train without --resume first")
+        raise ModelError(_nothing_to_resume(out_dir))
     if foreign and not force:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ModelError(f"{out_dir} is not empty ({shown}) and holds no rnngen model; train into a new or empty "
@@ -147,6 +152,16 @@ def check_out_dir(out_dir: Path, resume: bool, force: bool) -> bool:
         raise ModelError(f"{out_dir / clash[0]} was not written by rnngen and training would replace it; "
                          "move it away or train into another directory")
     return False
+
+
+def _nothing_to_resume(out_dir: Path) -> str:
+    from rnngen.home import BUNDLED_NAME, bundled_dir
+
+    if out_dir.name == BUNDLED_NAME and bundled_dir() is not None:
+        return (f"nothing to resume in {out_dir}: {BUNDLED_NAME} is the bundled model, read-only and without "
+                f"training state; start a new model from it with --from {BUNDLED_NAME} --name NEW")
+    return (f"nothing to resume in {out_dir}; train without --resume first, or start a new model from a trained "
+            "one with --from NAME")
 
 
 def begin(out_dir: Path, fresh: bool) -> Path:
@@ -271,7 +286,8 @@ def save_trainer_state(directory: Path, state: dict[str, Any]) -> None:
 def load_trainer_state(directory: Path) -> dict[str, Any]:
     path = directory / TRAINER_FILE
     if not path.exists():
-        raise ModelError(f"{directory} has no {TRAINER_FILE} to resume from; train without --resume")
+        raise ModelError(f"{directory} has no {TRAINER_FILE} to resume from; start a new model from it with "
+                         f"--from {directory} --name NEW, or start over with --force")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unpickling failure means a damaged or foreign file
@@ -350,8 +366,7 @@ def _check_weights(path: Path, config: ModelConfig) -> None:
     describes (built on the meta device: no memory), so a wrong config cannot make us allocate."""
     from safetensors import safe_open
 
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in RNNLM(config).state_dict().items()}
+    expected = parameter_shapes(config)
     with safe_open(path, framework="pt") as f:
         found = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
     if config.tie_weights and "embedding.weight" in found:
