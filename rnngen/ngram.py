@@ -280,6 +280,16 @@ def cache_dir() -> Path:
     return user_cache_path("rnngen", appauthor=False) / "ngram"
 
 
+def forget(directory: Path) -> None:
+    """Remove the cached tables of the model in `directory` (rnngen rm): a later load builds them again."""
+    try:
+        key = hashlib.sha256((directory / NGRAM_FILE).read_bytes()).hexdigest()[:32]
+    except OSError:
+        return
+    for folder in cache_dir().glob(f"{key}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _folder(key: str, vocab_size: int) -> Path:
     return cache_dir() / f"{key}-v{vocab_size}-t{TABLES_VERSION}"
 

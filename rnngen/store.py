@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rnngen.ngram import forget as forget_tables
 from rnngen.modeldir import foreign_entries, is_model_dir, locked, read_config, remove_token_cache, write_config
 from rnngen.errors import ModelError, UsageError
 from rnngen.files import atomic_write
@@ -94,6 +95,7 @@ def remove(name: str) -> list[str]:
         directory.unlink()
         return []
     with locked(directory):  # not while a run trains it
+        forget_tables(directory)  # its n-gram tables in the user's cache
         for entry in MODEL_FILES:
             (directory / entry).unlink(missing_ok=True)
         shutil.rmtree(directory / STAGING_DIR, ignore_errors=True)

@@ -273,3 +273,13 @@ def test_text_chart_of_huge_steps_keeps_short_labels():
     chart = text_chart(_runs(2, steps=(1, 1e300, 1e308)))
     assert max(len(line) for line in chart.splitlines()) < 120
     assert "e+308" in chart
+
+
+def test_rm_also_forgets_the_models_cached_ngram_tables(runner, trained_dir, model_home):
+    from rnngen.ngram import KneserNey, cache_dir
+
+    model = copy_model(trained_dir, model_home / "m")
+    KneserNey.load(model, json.loads((model / "config.json").read_text())["model"]["vocab_size"])
+    assert list(cache_dir().glob("*-v*"))
+    assert runner.invoke(app, ["rm", "m", "--yes"]).exit_code == 0
+    assert not list(cache_dir().glob("*-v*"))
