@@ -276,7 +276,7 @@ def mix(mixture: Mixture, ngram, logits: torch.Tensor, songs: list[SongState]) -
         unigram = torch.zeros(vocab)
     else:
         dense = np.stack([w[:, 0], w[:, 1] * terms.unigram_weight, w[:, 1] * terms.uniform / vocab], 1)
-        unigram = torch.from_numpy(terms.unigram32)
+        unigram = torch.from_numpy(terms.unigram)
     coef = torch.from_numpy(dense.astype(np.float32))
     out *= coef[:, :1]
     out += coef[:, 1:2] * unigram

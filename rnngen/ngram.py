@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +201,7 @@ class KneserNey:
             if m == 1:
                 unigram_weight = above.copy()
             above[live] *= level.backoff[c]
-        return Terms(uniform=above, unigram_weight=unigram_weight, unigram=self._unigram(), unigram32=self._unigram32,
+        return Terms(uniform=above, unigram_weight=unigram_weight, unigram=self._unigram,
                      entries=[(np.concatenate(r), np.concatenate(t), np.concatenate(v))
                               for r, t, v in zip(rows_at, tokens_at, values_at) if r], order=found)
 
@@ -233,14 +234,13 @@ class KneserNey:
             columns.pop()
         return columns
 
+    @cached_property
     def _unigram(self) -> np.ndarray:
-        """The unigram level's discounted shares as a (V,) vector (its one context is the empty one)."""
-        if getattr(self, "_dense_unigram", None) is None:
-            level = self.levels[0]
-            dense = np.zeros(self.vocab_size)
-            dense[np.asarray(level.keys[level.first[0]:level.first[1]])] = level.prob[level.first[0]:level.first[1]]
-            self._dense_unigram, self._unigram32 = dense, dense.astype(np.float32)
-        return self._dense_unigram
+        """The unigram level's discounted shares as a (V,) float32 vector (its one context is the empty one)."""
+        level = self.levels[0]
+        dense = np.zeros(self.vocab_size, dtype=np.float32)
+        dense[np.asarray(level.keys[level.first[0]:level.first[1]])] = level.prob[level.first[0]:level.first[1]]
+        return dense
 
     def distribution(self, history: list[int]) -> tuple[np.ndarray, int]:
         """The next token's whole distribution (V,), and the longest order whose context was seen."""
@@ -264,8 +264,7 @@ class Terms:
 
     uniform: np.ndarray  # (rows,) weight of the uniform 1/V
     unigram_weight: np.ndarray  # (rows,) weight of `unigram`
-    unigram: np.ndarray  # (V,) the unigram level's shares
-    unigram32: np.ndarray  # the same in float32
+    unigram: np.ndarray  # (V,) the unigram level's shares, float32 (what mix adds them in)
     entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per higher order: rows, tokens, values (a token once per row)
     order: np.ndarray  # (rows,) the longest order whose context was seen
 

@@ -43,7 +43,6 @@ SAMPLE_OPTIONS: tuple[Option, ...] = (
     Option("candidates", "--candidates", "candidates", None),  # DEFAULT_CANDIDATES with a form, else 1
     Option("keywords", "--keywords", "keywords", ""),
 )
-BY_NAME = {o.name: o for o in SAMPLE_OPTIONS}
 
 
 def reword(message: str, names: dict[str, str]) -> str:

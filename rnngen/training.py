@@ -59,9 +59,9 @@ class Schedule:
     budget; plateau: the peak halved after every second validation in a row without improvement;
     constant: the peak."""
 
-    def __init__(self, cfg: TrainConfig, plateau_scale: float = 1.0) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.plateau_scale = plateau_scale  # plateau: the halvings so far (kept in trainer.pt)
+        self.plateau_scale = 1.0  # plateau: the halvings so far (kept in trainer.pt)
 
     def rate(self, step: int, progress: float) -> float:
         """The rate for optimizer step `step`, `progress` (0..1) through the budget."""
@@ -467,12 +467,12 @@ class _Run:
                           "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         if stop_reason != "interrupted" and best_loss is not None:
             self.emit("info", {"message": "fitting song memory on the validation songs"})
-            mix, figures = _fit_song_memory(out_dir, self.dev, self.val_ids, self.val_chars_per_token, self.amp)
+            loaded = load_model(out_dir, self.dev)  # the best weights, with the n-gram: read once for both
+            mix, figures = _fit_song_memory(loaded, self.val_ids, self.val_chars_per_token, self.amp)
             meta.pop("song_memory", None)  # the key's old name
             meta["mixture"] = mix.to_dict()
             meta["result"].update(figures)
-            meta["result"]["heldout"] = _heldout(out_dir, self.dev, mix, self.val_all, self.val_chars,
-                                                 self.tokenizer.eos_id)
+            meta["result"]["heldout"] = _heldout(loaded, mix, self.val_all, self.val_chars)
         write_config(out_dir, meta)
         result = TrainResult(out_dir, step, stop_reason, best_loss, best_bpc, meta["result"].get("val_bpc"),
                              meta["result"].get("val_bpc_base"), meta["result"].get("heldout"))
@@ -569,9 +569,8 @@ def _write_ngram(directory: Path, train_ids: np.ndarray, tokenizer, emit: Progre
 HELDOUT_TOKENS = 2_000_000  # the final held-out figure reads at most this many validation tokens
 
 
-def _fit_song_memory(out_dir: Path, device: torch.device, val_ids: torch.Tensor, chars_per_token: float, amp):
+def _fit_song_memory(loaded: LoadedModel, val_ids: torch.Tensor, chars_per_token: float, amp):
     """Fit the mixture weights on the validation ids with the saved (best) model; returns them and bits/char figures."""
-    loaded = load_model(out_dir, device)
     ngram = loaded.ngram
     scored = memory.parts(loaded.model, ngram, val_ids, loaded.tokenizer.eos_id, amp)
     mix = memory.fit(scored, ngram.order if ngram else 1)
@@ -581,11 +580,10 @@ def _fit_song_memory(out_dir: Path, device: torch.device, val_ids: torch.Tensor,
     return mix, {k: round(v, 4) for k, v in figures.items()}
 
 
-def _heldout(out_dir: Path, device: torch.device, mix: memory.Mixture, val: np.ndarray, val_chars: int,
-             eos_id: int) -> dict:
+def _heldout(loaded: LoadedModel, mix: memory.Mixture, val: np.ndarray, val_chars: int) -> dict:
     """What `rnngen evaluate` gives for the saved model on its validation split (fp32, all of it up to
     HELDOUT_TOKENS), for `rnngen models` to show."""
-    loaded = load_model(out_dir, device)
+    eos_id = loaded.tokenizer.eos_id
     shown = val[:HELDOUT_TOKENS]
     chars = val_chars if len(shown) == len(val) else round(val_chars * len(shown) / max(1, len(val)))
     ids = torch.cat([torch.tensor([eos_id]), torch.from_numpy(np.asarray(shown).astype(np.int64))])

@@ -84,3 +84,29 @@ def trained_dir(tmp_path_factory) -> Path:
     result = CliRunner().invoke(app, ["train", str(corpus), "--out", str(out), "--max-steps", "10", *TINY_FLAGS])
     assert result.exit_code == 0, result.stderr
     return out
+
+
+def engine_texts(engine, streams_of) -> dict:
+    """Run the streams `streams_of(sink)` makes (tags 0..n-1) on a serving engine to their end, then
+    close it; returns tag -> the text each stream wrote."""
+    import threading
+
+    done, texts, finished = threading.Event(), {}, set()
+    count = []
+
+    def sink(events):
+        for stream, text, finish in events:
+            texts[stream.tag] = texts.get(stream.tag, "") + text
+            if finish:
+                finished.add(stream.tag)
+                if len(finished) == count[0]:
+                    done.set()
+
+    try:
+        streams = streams_of(sink)
+        count.append(len(streams))
+        engine.submit(streams)
+        assert done.wait(60), "the engine did not finish its streams"
+    finally:
+        engine.close(wait=10)
+    return texts

@@ -232,8 +232,8 @@ def test_keywords_need_a_form():
 
 def test_the_engine_writes_a_form_as_generate_does(songci):
     import dataclasses
-    import threading
 
+    from conftest import engine_texts
     from rnngen.serving.engine import Engine
     from rnngen.serving.protocol import Limits, parse_completion, sample_requests
 
@@ -241,23 +241,13 @@ def test_the_engine_writes_a_form_as_generate_does(songci):
     assert comp.options["candidates"] == 1
     requests = sample_requests(comp, songci)
     engine = Engine(songci)
-    done, texts, finished = threading.Event(), {}, set()
 
-    def sink(events):
-        for stream, text, finish in events:
-            texts[stream.tag] = texts.get(stream.tag, "") + text
-            if finish:
-                finished.add(stream.tag)
-                if len(finished) == len(requests):
-                    done.set()
-
-    try:
+    def streams(sink):
         with pytest.raises(UsageError, match="candidates"):
             engine.open(songci.request(form="卜算子", candidates=2), [], sink)
-        engine.submit([engine.open(dataclasses.replace(r), [], sink, tag=i) for i, r in enumerate(requests)])
-        assert done.wait(60)
-    finally:
-        engine.close(wait=10)
+        return [engine.open(dataclasses.replace(r), [], sink, tag=i) for i, r in enumerate(requests)]
+
+    texts = engine_texts(engine, streams)
     for i, r in enumerate(requests):
         assert texts[i] == songci.generate(form="卜算子", candidates=1, random_seed=r.random_seed)
         assert fits(texts[i], "卜算子") is None, texts[i]

@@ -363,7 +363,7 @@ def test_engine_writes_what_the_library_writes(songs_file, tmp_path, rnn_type):
     import rnngen
     from rnngen.cli import app
     from rnngen.serving.engine import Engine
-    from conftest import TINY_FLAGS
+    from conftest import TINY_FLAGS, engine_texts
 
     out = tmp_path / rnn_type
     trained = CliRunner().invoke(app, ["train", str(songs_file), "--out", str(out), "--max-steps", "6",
@@ -378,21 +378,8 @@ def test_engine_writes_what_the_library_writes(songs_file, tmp_path, rnn_type):
                 for i, o in enumerate(options)]  # every other prompt is longer than a chunk
 
     engine = Engine(model)
-    done, texts, finished = threading.Event(), {}, []
-
-    def sink(events):
-        for stream, text, finish in events:
-            texts[stream.tag] = texts.get(stream.tag, "") + text
-            if finish:
-                finished.append(stream.tag)
-                if len(finished) == len(requests):
-                    done.set()
-
-    try:
-        engine.submit([engine.open(dataclasses.replace(r), [], sink, tag=i) for i, r in enumerate(requests)])
-        assert done.wait(60)
-    finally:
-        engine.close(wait=10)
+    texts = engine_texts(engine, lambda sink: [engine.open(dataclasses.replace(r), [], sink, tag=i)
+                                               for i, r in enumerate(requests)])
     for i, r in enumerate(requests):
         pieces = ""
         try:
