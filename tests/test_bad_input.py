@@ -77,7 +77,8 @@ def test_bpe_with_emoji_round_trips_in_samples(runner, tmp_path):
     path.write_text("\n\n".join(f"星星 {i} ✨ 😀 la la 𠀀" for i in range(200)), encoding="utf-8")
     result = train(runner, path, tmp_path / "m", "--tokenizer", "spm", "--vocab-size", "300")
     assert result.exit_code == 0, result.stderr
-    out = runner.invoke(app, ["sample", "--model", str(tmp_path / "m"), "--seed", "😀", "--length", "30"])
+    out = runner.invoke(app, ["sample", "--model", str(tmp_path / "m"), "--seed", "😀", "--length", "30",
+                              "--random-seed", "1"])  # a 4-step model can still draw a stray byte piece now and then
     assert out.exit_code == 0 and out.stdout.startswith("😀") and "\ufffd" not in out.stdout[:2]
 
 
