@@ -1,19 +1,21 @@
 """Drive the page of `rnngen serve` in headless Chromium: fill the form, generate, check that the
-lyrics stream in, and save a screenshot.
+lyrics stream in, then pick a verse form (七言绝句) with a keyword and check the poem streams in
+clause by clause, and save a screenshot.
 
     apt-get install -y chromium fonts-noto-cjk     # Debian's browser, and fonts for the Chinese text
     pip install playwright                         # the Python driver only: no browser download
     python bench/serve_page_check.py [SCREENSHOT.png] [--url http://127.0.0.1:8000] [--model songci]
 
 Without --url it starts `rnngen serve` on a free loopback port and stops it afterwards. Exits 0
-when the page worked (the text grew while streaming, then the form came back with the full text),
-1 otherwise.
+when the page worked (the text grew while streaming, then the form came back with the full text;
+the poem has the form's four clauses of seven characters and the keyword), 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import sys
@@ -86,6 +88,31 @@ def check(url: str, screenshot: str, browser_path: str) -> list[str]:
         page.wait_for_function("!document.querySelector('#go').disabled", timeout=60000)
         if page.inner_text("#out") != text:
             problems.append("the same random seed gave another song")
+
+        # a 七言绝句 with the keyword 春风, for the screenshot: the options a form sets are hidden
+        page.wait_for_function("document.querySelector('#verse-form').options.length > 1", timeout=15000)
+        page.select_option("#verse-form", "七言绝句")
+        if not page.is_visible("#pattern") or "七言绝句" not in page.inner_text("#pattern"):
+            problems.append("choosing a form did not show its pattern")
+        hidden = [f"#{i}" for i in ("seed", "line-length", "lines", "rhyme", "length") if page.is_visible(f"#{i}")]
+        if hidden:
+            problems.append(f"a form left {', '.join(hidden)} visible")
+        page.fill("#acrostic", "")
+        page.fill("#keywords", "春风")
+        page.fill("#random-seed", "7")
+        page.click("#go")
+        page.wait_for_function("document.querySelector('#out').textContent.length > 0", timeout=15000)
+        first = len(page.inner_text("#out"))
+        page.wait_for_function("!document.querySelector('#go').disabled", timeout=60000)
+        poem = page.inner_text("#out")
+        lines = poem.strip().split("\n")
+        if len(lines) != 4 or not all(re.fullmatch(r"[\u4e00-\u9fff]{7}[，。？！]", line) for line in lines) \
+                or "春风" not in poem:
+            problems.append(f"expected a 七言绝句 with 春风 (4 clauses of 7 characters), got {poem!r}")
+        if first >= len(poem):
+            problems.append("the poem did not stream in clause by clause")
+        if page.is_visible("#error"):
+            problems.append("the page shows an error: " + page.inner_text("#error"))
         page.screenshot(path=screenshot, full_page=True)
         problems += [f"page error: {e}" for e in errors]
         browser.close()

@@ -118,8 +118,9 @@ class Model:
         song_memory (True) and random_seed (the same seed gives the same text); rhyme_book
         (xinyun, pingshui or cilin; with a form its book). form ("七言绝句", "浣溪沙", ...; see
         rnngen.forms.FORMS) writes one poem in that form, one clause a line, with its 平仄 and
-        rhymes; with it, candidates (16: each clause written that many times, the likeliest kept)
-        and keywords ("春风,明月": each appears verbatim where its tones fit)."""
+        rhymes; with it, candidates (16: each clause written that many times, the likeliest kept).
+        keywords ("春风,明月"): each appears verbatim where a plan puts it (with a form, where its
+        tones fit), and topic (1.0; 0 to 5) leans the rest towards what goes with them."""
         return "".join(self.stream(seed, **options))
 
     def unknown_chars(self, text: str) -> set[str]:

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from rnngen import __version__
-from rnngen.config import (DEFAULT_CANDIDATES, DEFAULT_LENGTH, DEVICES, MAX_SEED, LR_SCHEDULES, PRECISIONS, RNN_TYPES, SONG_ROOM, SPM_MODEL_TYPES,
+from rnngen.config import (DEFAULT_CANDIDATES, DEFAULT_LENGTH, MAX_TOPIC, TOPIC_WEIGHT, DEVICES, MAX_SEED, LR_SCHEDULES, PRECISIONS, RNN_TYPES, SONG_ROOM, SPM_MODEL_TYPES,
                            TOKENIZERS, ModelConfig, SamplingSettings, TrainConfig, check_range)
 from rnngen.errors import Incomplete, Interrupted, RnngenError, UsageError
 
@@ -332,7 +332,8 @@ def sample(
     rhyme_book: Optional[str] = typer.Option(None, "--rhyme-book", help="Which characters rhyme (and, with --form, their 平仄): xinyun (中华新韵, Mandarin, for songs), pingshui (平水韵) or cilin (词林正韵). [default: with --form the form's book (pingshui for 诗, cilin for 词), else xinyun]"),
     form: str = typer.Option("", "--form", help="Write one poem in a verse form, e.g. 七言绝句 (七绝), 浣溪沙, 沁园春: its clauses one a line, each its length in Han characters with its punctuation, 平仄 and rhymes by --rhyme-book ('rnngen forms' lists them)."),
     candidates: Optional[int] = typer.Option(None, "--candidates", help=f"With --form: write each clause N times and keep the one the model finds likeliest. [default: {DEFAULT_CANDIDATES}]"),
-    keywords: str = typer.Option("", "--keywords", help="With --form: words that appear verbatim, e.g. 春风,明月, each in a clause whose 平仄 its characters fit."),
+    keywords: str = typer.Option("", "--keywords", help="Words that appear verbatim, e.g. 春风,明月: each where a plan puts it (a line and a place in it, spread over the song; with --form a clause whose 平仄 its characters fit), and the rest of the text leans towards what goes with them in the training text."),
+    topic: float = typer.Option(TOPIC_WEIGHT, "--topic", help=f"With --keywords: how strongly the text leans towards the keywords' company in the training text (0: the keywords are placed, nothing else changes; at most {MAX_TOPIC:g})."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Above 1 makes characters already in the sample less likely (1: off)."),
     max_copy: Optional[int] = typer.Option(None, "--max-copy", help="Never write a run of more than K characters found verbatim in the training text: a token that would make one is struck out and another drawn."),
     no_song_memory: bool = typer.Option(False, "--no-song-memory", help="Do not let a song draw on its own earlier text (by default a chorus can come back, as in real songs)."),
@@ -351,7 +352,8 @@ def sample(
             seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
             random_seed=random_seed, stop_at_end=stop_at_end, songs=songs, lines=lines, line_length=line_length,
             acrostic=acrostic, rhyme=rhyme, rhyme_book=rhyme_book, repetition_penalty=repetition_penalty,
-            max_copy=max_copy, song_memory=not no_song_memory, form=form, candidates=candidates, keywords=keywords)
+            max_copy=max_copy, song_memory=not no_song_memory, form=form, candidates=candidates, keywords=keywords,
+            topic=topic)
         loaded = _load(model, device, precision)
         if interactive:
             _interactive(loaded, request, as_json)

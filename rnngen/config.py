@@ -37,6 +37,8 @@ class SamplingSettings:
 DEFAULT_LENGTH = 200  # characters sampled, when nothing else ends the sample
 SONG_ROOM = 20_000  # characters allowed per song asked for (--songs) when no length is given
 DEFAULT_CANDIDATES = 16  # with --form: clauses written per clause, the likeliest kept (a 七绝 in ~0.2 s on 1 core)
+TOPIC_WEIGHT = 1.0  # --topic: how strongly keywords steer the rest of the text (keywords.py)
+MAX_TOPIC = 5.0
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rnngen.config import SamplingSettings
+from rnngen.config import TOPIC_WEIGHT, SamplingSettings
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ SAMPLE_OPTIONS: tuple[Option, ...] = (
     Option("form", "--form", "form", ""),
     Option("candidates", "--candidates", "candidates", None),  # DEFAULT_CANDIDATES with a form, else 1
     Option("keywords", "--keywords", "keywords", ""),
+    Option("topic", "--topic", "topic", TOPIC_WEIGHT),
 )
 
 

@@ -29,13 +29,14 @@ from rnngen.modeldir import LoadedModel
 from rnngen.config import (DEFAULT_LENGTH, MAX_SEED, MAX_VOCAB, SONG_ROOM, SamplingSettings, check_range,
                            check_text)
 from rnngen.compose import DEFAULT_CANDIDATES, MAX_CANDIDATES, is_han, open_form, parse_keywords, room
-from rnngen.constraints import LyricsConstraint, Structure, parse_line_lengths
+from rnngen.constraints import LyricsConstraint, Structure, _uncounted, parse_line_lengths
 from rnngen.errors import Incomplete, UsageError
 from rnngen.forms import Form, find_form
+from rnngen.keywords import MAX_TOPIC, TOPIC_WEIGHT, KeywordRule, Topics, words_ids
 from rnngen.rhymebook import load_book
 from rnngen.memory import SongState, mix, mix_rows
 from rnngen.novelty import DEPTH, CopyGuard, CorpusIndex, token_pieces
-from rnngen.tokenizer import newline_id
+from rnngen.tokenizer import CharTokenizer, newline_id
 
 MAX_SAMPLES = 10_000  # streams in one batch; more would only exhaust memory
 MAX_LENGTH = 10_000_000  # characters per sample (and songs per sample)
@@ -59,7 +60,8 @@ class SampleRequest:
     song_memory: bool = True  # let each song draw on its own earlier text (choruses come back)
     form: str = ""  # a verse form's name or alias (forms.FORMS): the sample is one poem in that form
     candidates: int = 1  # with a form: clauses written per clause, the likeliest kept
-    keywords: tuple[str, ...] = ()  # with a form: words that appear verbatim, where a plan puts them
+    keywords: tuple[str, ...] = ()  # words that appear verbatim, where a plan puts them (keywords.py)
+    topic: float = TOPIC_WEIGHT  # how strongly the text leans towards the keywords' company (0: not at all)
     dead_ends: int = 0  # set while sampling: tokens where every choice the structure allowed was a copy
 
     def validate(self) -> None:
@@ -85,12 +87,17 @@ class SampleRequest:
             raise UsageError("--acrostic chooses how the song starts; leave out --seed", "acrostic")
         check_range("--candidates", self.candidates, 1, MAX_CANDIDATES, integer=True, field="candidates")
         check_text("--form", self.form, "form")
+        check_range("--topic", self.topic, 0, MAX_TOPIC, field="topic")
+        for word in self.keywords:
+            check_text("--keywords", word, "keywords")
+            if not word or "\n" in word or "\r" in word:
+                raise UsageError(f"--keywords takes words separated by commas, such as 春风,明月 (got {word!r})",
+                                 "keywords")
         if self.form:
             self._validate_form()
-        elif self.candidates > 1 or self.keywords:
-            option = "--candidates" if self.candidates > 1 else "--keywords"
-            raise UsageError(f"{option} works with a verse form; give --form too ('rnngen forms' lists them)",
-                             "candidates" if self.candidates > 1 else "keywords")
+        elif self.candidates > 1:
+            raise UsageError("--candidates works with a verse form; give --form too ('rnngen forms' lists them)",
+                             "candidates")
 
     def _validate_form(self) -> None:
         """A form sets the clauses, their lengths and rhymes: the options that set them otherwise are refused."""
@@ -109,8 +116,7 @@ class SampleRequest:
             raise UsageError(f"--acrostic has {len(s.acrostic)} characters but {form.name} has {form.clause_count} "
                              "clauses", "acrostic")
         for word in self.keywords:
-            check_text("--keywords", word, "keywords")
-            if not word or not all(is_han(c) for c in word):
+            if not all(is_han(c) for c in word):
                 raise UsageError(f"--keywords takes words of Han characters separated by commas, such as 春风,明月 "
                                  f"(got {word!r})", "keywords")
         if self.length < room(form):
@@ -149,6 +155,7 @@ def make_request(
     form: str = "",
     candidates: int | None = None,
     keywords: str | Sequence[str] = "",
+    topic: float = TOPIC_WEIGHT,
 ) -> SampleRequest:
     """A checked SampleRequest from plain options (options.SAMPLE_OPTIONS: generate's keywords).
 
@@ -174,7 +181,7 @@ def make_request(
     request = SampleRequest(seed_text=seed, length=length, settings=SamplingSettings(temperature, top_k, top_p),
                             num_samples=num_samples, random_seed=random_seed, stop_at_end=stop_at_end,
                             songs=songs, structure=structure, max_copy=max_copy, song_memory=song_memory,
-                            form=form, candidates=candidates, keywords=parse_keywords(keywords))
+                            form=form, candidates=candidates, keywords=parse_keywords(keywords), topic=topic)
     request.validate()
     return request
 
@@ -287,9 +294,10 @@ class Stream:
 
     def __init__(self, request: SampleRequest, generator: torch.Generator, prompt: list[int],
                  constraint: LyricsConstraint | None, guard: CopyGuard | None, song: SongState | None,
-                 writer: Writer) -> None:
+                 writer: Writer, keywords: KeywordRule | None = None, topic: torch.Tensor | None = None) -> None:
         self.request, self.generator, self.prompt = request, generator, prompt
         self.constraint, self.guard, self.song, self.writer = constraint, guard, song, writer
+        self.keywords, self.topic = keywords, topic  # the keyword plan (without a form) and the topic's lift
         self.max_tokens = request.length * TOKENS_PER_CHAR + 8
         self.steps = 0  # tokens sampled
 
@@ -309,11 +317,13 @@ class Stream:
             other.guard = copy.copy(self.guard)
             other.guard.tails = list(self.guard.tails)
         other.song = self.song.fork() if self.song is not None else None
+        other.keywords = self.keywords.copy() if self.keywords is not None else None
         return other
 
     def adopt(self, chosen: "Stream", tokens: list[int]) -> str:
         """Go on from the candidate kept (its rules, guard and song state), writing its `tokens`."""
         self.constraint, self.guard, self.song = chosen.constraint, chosen.guard, chosen.song
+        self.keywords = chosen.keywords
         done = self.constraint is not None and self.constraint.done(0)
         text = ""
         for k, token in enumerate(tokens):
@@ -333,6 +343,8 @@ class Stream:
         total = self.constraint.total if r.form else r.structure.total_lines()
         if self.constraint is not None and total and not self.constraint.done(0):
             return f"{self.constraint.line[0]} of {total} {'clauses' if r.form else 'lines'}"
+        if self.keywords is not None and self.keywords.pending:
+            return "not every keyword"
         return None
 
 
@@ -357,6 +369,8 @@ class Sampler:
         self._lock = threading.Lock()  # the index and token pieces, loaded by whichever stream asks first
         self._index: CorpusIndex | None | bool = False  # False: not looked for yet
         self._pieces: list[str] | None = None
+        self._topics: Topics | None | bool = False  # False: not built yet
+        self._lifts: dict[tuple, torch.Tensor] = {}  # (keywords, weight) -> the topic's lift
 
     def index(self) -> CorpusIndex | None:
         """The copy-check index of the training text (None: the model has none)."""
@@ -364,6 +378,22 @@ class Sampler:
             if self._index is False:
                 self._index = CorpusIndex.load(self.loaded.directory)
             return self._index
+
+    def topic(self, words: list[list[int]], weight: float) -> torch.Tensor | None:
+        """The keywords' topic lift (vocab,) at `weight`, from the training text the model keeps for its
+        n-gram (None: it keeps none, or weight 0)."""
+        key = (tuple(map(tuple, words)), weight)
+        with self._lock:
+            if self._topics is False:
+                ngram = self.loaded.ngram
+                self._topics = None if ngram is None else Topics(ngram.ids, self.tok.eos_id, self.tok.vocab_size)
+            if self._topics is None or weight == 0:
+                return None
+            if key not in self._lifts:
+                if len(self._lifts) > 64:
+                    self._lifts.clear()
+                self._lifts[key] = self._topics.bias(words, weight).to(self.device)
+            return self._lifts[key]
 
     def pieces(self) -> list[str]:
         with self._lock:
@@ -392,6 +422,14 @@ class Sampler:
             constraint = LyricsConstraint(request.structure, tok, 1)
             for token in seed_ids:  # the seed's characters count towards the first line
                 constraint.update(torch.tensor([token]))
+        rule, topic = None, None
+        if request.keywords:
+            words = words_ids(request.keywords, tok)
+            topic = self.topic(words, request.topic)
+            if form is None:
+                rule = self._keyword_rule(request, words, generator)
+                for token in seed_ids:  # the seed's lines count (and a keyword in it is written)
+                    rule.update(token)
         guard = None
         if request.max_copy is not None:
             index = self.index()
@@ -412,7 +450,17 @@ class Sampler:
                 if songs is not None:
                     songs[key] = fed
             song = fed.fork()
-        return Stream(request, generator, prompt, constraint, guard, song, Writer(request, tok))
+        return Stream(request, generator, prompt, constraint, guard, song, Writer(request, tok), rule, topic)
+
+    def _keyword_rule(self, request: SampleRequest, words: list[list[int]], generator: torch.Generator) -> KeywordRule:
+        if not isinstance(self.tok, CharTokenizer) or "\n" not in self.tok.stoi:
+            raise UsageError("--keywords without --form needs a model with --tokenizer char that knows line breaks",
+                             "keywords")
+        st = request.structure
+        uncounted = torch.tensor([_uncounted(t) for t in self.tok.itos])
+        return KeywordRule(words, self.tok, generator, lines=st.total_lines(), line_lengths=st.line_lengths,
+                           rhyme=bool(st.rhyme), acrostic=bool(st.acrostic), uncounted=uncounted,
+                           per_song=bool(request.songs))
 
     # ---- the network ----
 
@@ -455,10 +503,15 @@ class Sampler:
             mixing = mix if self.exact or len(streams) > 2 else mix_rows
             logits = mixing(self.mixture, self.ngram, logits, [s.song for s in streams])
         logits = logits.float() + self.ban  # a new tensor: the rules below may change it in place
+        for j, s in enumerate(streams):
+            if s.topic is not None:
+                logits[j] += s.topic
         plain = logits.clone() if logprobs is not None else None
         for j, s in enumerate(streams):
             if s.constraint is not None:
                 s.constraint.mask(logits[j : j + 1])
+            if s.keywords is not None:
+                s.keywords.mask(logits[j], s.writer.remaining)
         groups: dict[tuple, list[int]] = {}
         for j, s in enumerate(streams):
             settings = s.request.settings
@@ -478,6 +531,8 @@ class Sampler:
                 tokens[j] = back_off(s, logits[j : j + 1], tokens[j])
             if s.constraint is not None:
                 s.constraint.update(torch.tensor([tokens[j]]))
+            if s.keywords is not None:
+                s.keywords.update(tokens[j])
             if s.song is not None:
                 s.song.push(tokens[j])
         if logprobs is not None:

@@ -221,10 +221,10 @@ def test_a_keyword_that_fits_nowhere_is_refused(songci):
         songci.generate(form="如梦令", keywords="春风明月夜来香")  # longer than any clause
 
 
-def test_keywords_need_a_form():
+def test_candidates_need_a_form():
     with pytest.raises(UsageError, match="--form") as info:
-        rnngen.sampling.make_request(keywords="春风")
-    assert info.value.field == "keywords"
+        rnngen.sampling.make_request(candidates=4)
+    assert info.value.field == "candidates"
 
 
 # ---- the server's engine -------------------------------------------------------------------------
@@ -237,19 +237,13 @@ def test_the_engine_writes_a_form_as_generate_does(songci):
     from rnngen.serving.engine import Engine
     from rnngen.serving.protocol import Limits, parse_completion, sample_requests
 
-    comp = parse_completion({"form": "卜算子", "seed": 4, "n": 2}, Limits())
-    assert comp.options["candidates"] == 1
+    comp = parse_completion({"form": "卜算子", "seed": 4, "n": 2, "candidates": 2}, Limits())
     requests = sample_requests(comp, songci)
     engine = Engine(songci)
-
-    def streams(sink):
-        with pytest.raises(UsageError, match="candidates"):
-            engine.open(songci.request(form="卜算子", candidates=2), [], sink)
-        return [engine.open(dataclasses.replace(r), [], sink, tag=i) for i, r in enumerate(requests)]
-
-    texts = engine_texts(engine, streams)
+    texts = engine_texts(engine, lambda sink: [engine.open(dataclasses.replace(r), [], sink, tag=i)
+                                               for i, r in enumerate(requests)])
     for i, r in enumerate(requests):
-        assert texts[i] == songci.generate(form="卜算子", candidates=1, random_seed=r.random_seed)
+        assert texts[i] == songci.generate(form="卜算子", candidates=2, random_seed=r.random_seed)
         assert fits(texts[i], "卜算子") is None, texts[i]
 
 

@@ -1,4 +1,5 @@
-"""The HTTP application (Starlette): OpenAI-style /v1/completions and /v1/models, /health, and the web page.
+"""The HTTP application (Starlette): OpenAI-style /v1/completions and /v1/models, the verse forms
+(/v1/forms), /health, and the web page.
 
 Requests are parsed and answered on the asyncio loop; the token work happens on each model's
 engine thread (engine.py), whose text comes back through `loop.call_soon_threadsafe`, once per
@@ -15,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from importlib import resources
 from typing import Any, Callable, Iterable
 
@@ -25,7 +27,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from rnngen.compose import MAX_CANDIDATES
+from rnngen.config import DEFAULT_CANDIDATES
 from rnngen.errors import UsageError
+from rnngen.forms import FORMS
 from rnngen.layout import CONFIG_FILE, INDEX_FILE
 from rnngen.serving import protocol
 from rnngen.serving.engine import Closed, Engine, Event, Stream
@@ -115,6 +120,9 @@ def create_app(engines: list[Engine], limits: Limits, api_key: str | None = None
         reply = _Reply(served.name, comp, streams, queue, request.state, release)
         return reply.events if comp.stream else await reply.whole(request)
 
+    async def list_forms(request: Request) -> Response:
+        return JSONResponse(_forms())
+
     async def page(request: Request) -> Response:
         name, kind = WEB_FILES[request.url.path]
         body = resources.files("rnngen").joinpath("web", name).read_bytes()
@@ -124,12 +132,24 @@ def create_app(engines: list[Engine], limits: Limits, api_key: str | None = None
     routes += [Route("/health", health, methods=["GET", "HEAD"]),
                Route("/v1/models", list_models, methods=["GET"]),
                Route("/v1/models/{name:path}", get_model, methods=["GET"]),
+               Route("/v1/forms", list_forms, methods=["GET"]),
                Route("/v1/completions", completions, methods=["POST"])]
     app = Starlette(routes=routes, exception_handlers={ApiError: _api_error, HTTPException: _http_error,
                                                         Exception: _server_error})
     wrapped = _AccessLog(_HostCheck(_Auth(app, api_key) if api_key else app, hosts), write_log or _stderr)
     wrapped.flags = state  # the server sets "stopping" on a stop signal (shown by /health)
     return wrapped
+
+
+@lru_cache(maxsize=1)
+def _forms() -> dict[str, Any]:
+    """GET /v1/forms: every verse form a request's `form` may name, with its pattern as `rnngen forms
+    NAME` shows it, and the `candidates` a form gets by default."""
+    data = [{"name": f.name, "aliases": list(f.aliases), "kind": f.kind, "clauses": f.clause_count,
+             "characters": f.characters, "rhyme_book": f.default_book, "pattern": f.describe()}
+            for f in FORMS.values()]
+    return {"object": "list", "data": data, "default_candidates": DEFAULT_CANDIDATES,
+            "max_candidates": MAX_CANDIDATES}
 
 
 def _created(engine: Engine) -> int:

@@ -8,13 +8,21 @@ at each step
   per step, so a long prompt never holds up the running streams for more than one bounded call; a
   prompt is read once for all the choices of a request that share it, and those streams join the
   batch when it has been read;
-- the library's Sampler.pick chooses every stream's next token (each with its own rules and random
-  generator), exactly as `rnngen sample` does;
+- a stream writing a form with candidates (`candidates` N > 1) that is about to start a clause
+  becomes N rows, its candidates for the clause (Sampler._run_candidates's draws, in its order);
+- the library's Sampler.pick chooses every row's next token (each with its own rules and random
+  generator), exactly as `rnngen sample` does; a candidate keeps its tokens and their log-probability;
+- when all of a stream's candidates have finished the clause, the likeliest is kept (the highest
+  total log-probability: all have the same number of tokens) and its clause is the stream's text;
+  the stream goes on from it as one row again;
 - streams that are done leave; the rest advance with one batched network step (Sampler.step).
-The text each stream made in the step goes to its sink, called once per step and sink.
+The text each stream made in the step goes to its sink, called once per step and sink: a form with
+candidates arrives clause by clause, any other stream token by token.
 
 The same seed gives the same text whatever else is in the batch: every per-stream part is
-per-row, and the exact Sampler gives each row the same numbers at any batch size.
+per-row, and the exact Sampler gives each row the same numbers at any batch size. So a stream's
+text is the library's for the same request (`rnngen.load(..., precision="fp32").generate`), form
+and candidates included.
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ from typing import Any, Callable
 import torch
 
 import rnngen
-from rnngen.errors import UsageError
 from rnngen.sampling import PREFILL_CHUNK, SampleRequest, Sampler, cat_states, state_rows
 
 log = logging.getLogger("rnngen.server")
@@ -63,8 +70,16 @@ class Stream:
 
     def take(self, token: int) -> str:
         """Account for a chosen token as `rnngen sample` does; returns the text it adds (and may finish)."""
+        return self._written(self.sample.take(token))
+
+    def adopt(self, kept: "_Candidate") -> str:
+        """Go on from the candidate kept for a clause, as `rnngen sample` does; returns the clause's
+        text (and may finish)."""
+        return self._written(self.sample.adopt(kept.sample, kept.tokens))
+
+    def _written(self, text: str) -> str:
         sample = self.sample
-        text = self._unless_stopped(sample.take(token))
+        text = self._unless_stopped(text)
         if self.finish is None and sample.done:
             text += self._end("length" if sample.writer.remaining <= 0 or not sample.writer.done else "stop")
         return text
@@ -88,6 +103,24 @@ class Stream:
     def _end(self, reason: str) -> str:
         self.finish, held, self.held = reason, self.held, ""
         return held
+
+
+class _Candidate:
+    """One of a stream's candidates for its current clause: a row of the batch of its own."""
+
+    def __init__(self, stream: Stream, sample):
+        self.stream, self.sample = stream, sample  # sample: the library's candidate (Stream.candidate)
+        self.tokens: list[int] = []  # chosen so far in the clause
+        self.score = 0.0  # their total log-probability under the model's own prediction
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stream.cancelled
+
+    @property
+    def clause_done(self) -> bool:
+        constraint = self.sample.constraint
+        return constraint.at_clause_start or constraint.done(0)
 
 
 @dataclass
@@ -123,9 +156,6 @@ class Engine:
              songs: dict | None = None) -> Stream:
         """A checked stream, not yet running (UsageError for a request the model cannot do); streams
         opened with one `songs` dict read a shared prompt into song memory once (Sampler.open)."""
-        if request.candidates > 1:  # that writes each clause in a batch of its own (Sampler.generate)
-            raise UsageError(f"--candidates {request.candidates}: this server writes a form with one candidate per "
-                             "clause; leave --candidates out or use `rnngen sample`", "candidates")
         return Stream(self.sampler.open(request, songs=songs), stops, sink, tag)
 
     def submit(self, streams: list[Stream]) -> None:
@@ -151,7 +181,7 @@ class Engine:
     # ---- the worker ----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        rows: list[Stream] = []
+        rows: list[Stream | _Candidate] = []
         reading: list[_Reading] = []
         logits = state = None
         with torch.inference_mode():
@@ -163,7 +193,7 @@ class Engine:
                     closing = self._closing
                 reading += _group(joining)
                 if closing is not None:
-                    left = rows + [s for r in reading for s in r.streams]
+                    left = _streams(rows) + [s for r in reading for s in r.streams]
                     self._send([(s, s._end(closing), closing) for s in left])
                     self.active = self.reading = 0
                     return
@@ -172,18 +202,19 @@ class Engine:
                     rows, logits, state = self._step(rows, logits, state, reading, events)
                 except Exception:  # a bug: keep serving the other models, fail these streams loudly
                     log.exception("generation step failed")
-                    for s in rows + [s for r in reading for s in r.streams]:
+                    for s in _streams(rows) + [s for r in reading for s in r.streams]:
                         if s.finish is None:
                             s.finish = "error"
                             events.append((s, "", "error"))
                     rows, logits, state, reading[:] = [], None, None, []
-                self.active = len(rows)
+                self.active = len(_streams(rows))
                 self.reading = sum(len(r.streams) for r in reading)
                 self._send(events)
 
-    def _step(self, rows: list[Stream], logits, state, reading: list[_Reading], events: list[Event]):
-        """One step: leave, read prompts (bounded), pick a token per stream, then one batched network step."""
-        keep = [i for i, s in enumerate(rows) if not s.cancelled]
+    def _step(self, rows: list, logits, state, reading: list[_Reading], events: list[Event]):
+        """One step: leave, read prompts (bounded), start clauses' candidates, pick a token per row,
+        keep the likeliest of each finished clause, then one batched network step."""
+        keep = [i for i, r in enumerate(rows) if not r.cancelled]
         if len(keep) < len(rows):
             rows, logits, state = _select(rows, logits, state, keep)
         for r in reading:
@@ -198,12 +229,33 @@ class Engine:
             state = copies if state is None else cat_states(state, copies)
         if not rows:
             return [], None, None
-        tokens = self.sampler.pick([s.sample for s in rows], logits)
-        for s, token in zip(rows, tokens):
-            text = s.take(token)
-            if text or s.finish is not None:
-                events.append((s, text, s.finish))
-        keep = [j for j, s in enumerate(rows) if s.finish is None]
+        rows, logits, state = self._spread(rows, logits, state)
+        logprobs: list[float] | None = [] if any(isinstance(r, _Candidate) for r in rows) else None
+        tokens = self.sampler.pick([r.sample for r in rows], logits, logprobs)
+        clauses: dict[int, list[int]] = {}  # a stream's candidate rows, by id(stream)
+        for j, (r, token) in enumerate(zip(rows, tokens)):
+            if isinstance(r, _Candidate):
+                r.tokens.append(token)
+                r.score += logprobs[j]
+                clauses.setdefault(id(r.stream), []).append(j)
+                continue
+            text = r.take(token)
+            if text or r.finish is not None:
+                events.append((r, text, r.finish))
+        dropped: set[int] = set()
+        for members in clauses.values():
+            if not all(rows[j].clause_done for j in members):
+                continue
+            # the likeliest: float64 totals and torch's argmax (the first of equals), as Sampler._run_candidates
+            scores = torch.tensor([rows[j].score for j in members], dtype=torch.float64)
+            best = members[int(scores.argmax())]
+            stream = rows[best].stream
+            text = stream.adopt(rows[best])
+            if text or stream.finish is not None:
+                events.append((stream, text, stream.finish))
+            dropped.update(j for j in members if j != best)
+            rows[best] = stream  # one row again, its state the kept candidate's; its next clause spreads
+        keep = [j for j, r in enumerate(rows) if j not in dropped and _owner(r).finish is None]
         if not keep:
             return [], None, None
         if len(keep) < len(rows):
@@ -211,6 +263,27 @@ class Engine:
             tokens = [tokens[j] for j in keep]
         logits, state = self.sampler.step(tokens, state)
         return rows, logits, state
+
+    def _spread(self, rows: list, logits, state):
+        """Each stream that writes a form with candidates and is at the start of a clause becomes its
+        candidates for the clause: N rows, each a copy of the stream with a random generator of its
+        own, seeded from the stream's (the draws Sampler._run_candidates makes)."""
+        starting = {j for j, r in enumerate(rows) if isinstance(r, Stream) and r.request.candidates > 1}
+        if not starting:
+            return rows, logits, state
+        device = self.sampler.device
+        spread, where = [], []
+        for j, r in enumerate(rows):
+            if j not in starting:
+                spread.append(r)
+                where.append(j)
+                continue
+            n = r.request.candidates
+            for seed in torch.randint(2**62, (n,), generator=r.sample.generator, device=device).tolist():
+                spread.append(_Candidate(r, r.sample.candidate(torch.Generator(device).manual_seed(seed))))
+                where.append(j)
+        idx = torch.tensor(where, dtype=torch.long)
+        return spread, logits.index_select(0, idx.to(logits.device)), state_rows(state, idx)
 
     def _read(self, reading: list[_Reading]) -> list[_Reading]:
         """Read the waiting prompts, PREFILL_CHUNK tokens at a time (the chunks `rnngen sample` reads),
@@ -250,7 +323,17 @@ def _group(streams: list[Stream]) -> list[_Reading]:
     return list(readings.values())
 
 
-def _select(rows: list[Stream], logits, state: list, keep: list[int]):
+def _owner(row) -> Stream:
+    """The stream a batch row writes for: itself, or the stream a candidate is one of."""
+    return row.stream if isinstance(row, _Candidate) else row
+
+
+def _streams(rows: list) -> list[Stream]:
+    """The streams in a batch, each once."""
+    return list({id(s): s for s in map(_owner, rows)}.values())
+
+
+def _select(rows: list, logits, state: list, keep: list[int]):
     """Only the rows `keep` of the batch (no rows left: nothing)."""
     if not keep:
         return [], None, None

@@ -4,7 +4,8 @@ Field names and response shapes follow OpenAI's /v1/completions (as llama.cpp, o
 LM Studio serve it): `max_tokens` counts characters here, `prompt` is the seed text, and rnngen's
 own options ride along as extra body fields (`top_k`, `lines`, `line_length`, `acrostic`, `rhyme`,
 `max_copy`, `songs`, `repetition_penalty`, `song_memory`, `stop_at_end`, `form`, `keywords`,
-`candidates`: 1, the default here, as the engine writes a form token by token).
+`topic`, `candidates`), with the library's defaults (a form's candidates: DEFAULT_CANDIDATES, as `rnngen
+sample`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ OPENAI_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "
                  "stream_options", "echo", "logprobs", "best_of", "presence_penalty", "frequency_penalty",
                  "logit_bias", "suffix", "user"}
 RNNGEN_FIELDS = {"top_k", "lines", "line_length", "acrostic", "rhyme", "rhyme_book", "max_copy", "songs",
-                 "repetition_penalty", "song_memory", "stop_at_end", "form", "candidates", "keywords"}
+                 "repetition_penalty", "song_memory", "stop_at_end", "form", "candidates", "keywords", "topic"}
 
 # the sample options named in the library's messages, as this protocol names them
 @dataclass
@@ -167,10 +168,8 @@ def parse_completion(data: dict[str, Any], limits: Limits) -> Completion:
                "max_copy": _opt(data, "max_copy", int), "songs": _opt(data, "songs", int),
                "stop_at_end": _opt(data, "stop_at_end", bool), "song_memory": _opt(data, "song_memory", bool),
                "form": _opt(data, "form", str), "candidates": _opt(data, "candidates", int),
-               "keywords": _keywords(data.get("keywords"))}
+               "keywords": _keywords(data.get("keywords")), "topic": _opt(data, "topic", float)}
     options = {k: v for k, v in options.items() if v is not None}  # absent: the library's defaults
-    if options.get("form") and "candidates" not in options:
-        options["candidates"] = 1  # the engine writes a form token by token, one candidate per clause
     length = _opt(data, "max_tokens", int)
     if length is None:  # as the CLI: until the lines, songs, acrostic or form are done (up to the cap), else 200
         shaped = any(options.get(k) for k in ("line_length", "acrostic", "rhyme", "songs", "form"))

@@ -11,6 +11,8 @@ const TEXT = {
     copied: "已复制", footer: "由 rnngen 在本机生成。接口与 OpenAI 的 /v1/completions 兼容。",
     writing: "正在写……", done: "完成", stopped: "已停止", chars: "字", seedUsed: "随机种子",
     needKey: "此服务器需要 API 密钥。", noModels: "没有可用的模型", network: "连接失败：",
+    verseForm: "体裁", freeLyrics: "自由歌词", shi: "近体诗", ci: "词", candidates: "每句候选数",
+    keywords: "关键词", keywordsHint: "春风,明月（逗号分隔）",
   },
   en: {
     tagline: "lyrics writer", seed: "Seed", seedHint: "e.g. 春风 (may be empty)", shape: "Length", byLength: "Characters",
@@ -21,6 +23,8 @@ const TEXT = {
     footer: "Written by rnngen on this machine. The API speaks OpenAI's /v1/completions.",
     writing: "Writing…", done: "Done", stopped: "Stopped", chars: "characters", seedUsed: "random seed",
     needKey: "This server needs an API key.", noModels: "no models available", network: "Connection failed: ",
+    verseForm: "Verse form", freeLyrics: "free lyrics", shi: "Regulated verse (诗)", ci: "Ci (词)",
+    candidates: "Candidates per clause", keywords: "Keywords", keywordsHint: "春风,明月 (comma-separated)",
   },
 };
 
@@ -28,6 +32,7 @@ const $ = (id) => document.getElementById(id);
 let lang = localStorage.getItem("rnngen-lang") ||
   ((navigator.language || "").toLowerCase().startsWith("zh") ? "zh" : "en");
 let controller = null;
+const forms = new Map();  // name -> the form as /v1/forms describes it
 
 function t(key) { return TEXT[lang][key] || key; }
 
@@ -35,6 +40,7 @@ function applyLanguage() {
   document.documentElement.lang = lang;
   document.querySelectorAll("[data-i18n]").forEach((el) => { el.textContent = t(el.dataset.i18n); });
   document.querySelectorAll("[data-i18n-placeholder]").forEach((el) => { el.placeholder = t(el.dataset.i18nPlaceholder); });
+  document.querySelectorAll("[data-i18n-label]").forEach((el) => { el.label = t(el.dataset.i18nLabel); });
   $("lang").textContent = lang === "zh" ? "English" : "中文";
 }
 
@@ -86,11 +92,48 @@ async function loadModels() {
   else showError("");
 }
 
+async function loadForms() {
+  let response;
+  try {
+    response = await fetch("v1/forms", { headers: headers() });
+  } catch (e) {
+    return;  // loadModels says what went wrong
+  }
+  if (!response.ok) return;
+  const listing = await response.json();
+  const chosen = $("verse-form").value;
+  forms.clear();
+  for (const kind of ["shi", "ci"]) $("forms-" + kind).textContent = "";
+  for (const f of listing.data || []) {
+    forms.set(f.name, f);
+    const option = document.createElement("option");
+    option.value = f.name;
+    option.textContent = f.aliases.length ? `${f.name}（${f.aliases[0]}）` : f.name;
+    ($("forms-" + f.kind) || $("forms-ci")).appendChild(option);
+  }
+  $("verse-form").value = forms.has(chosen) ? chosen : "";
+  $("candidates").max = listing.max_candidates || 64;
+  $("candidates").value = listing.default_candidates || 16;
+  showForm();
+}
+
+function verseForm() { return forms.get($("verse-form").value) || null; }
+
 function body() {
-  const b = { model: $("model").value, prompt: $("seed").value, stream: true,
-              temperature: parseFloat($("temperature").value) };
+  const b = { model: $("model").value, stream: true, temperature: parseFloat($("temperature").value) };
   const seed = $("random-seed").value.trim();
   if (seed !== "") b.seed = parseInt(seed, 10);
+  const keywords = $("keywords").value.trim();
+  if (keywords) b.keywords = keywords;
+  const form = verseForm();
+  if (form) {  // the form sets the clauses, their lengths and rhymes, and writes the whole poem
+    b.form = form.name;
+    b.candidates = parseInt($("candidates").value, 10);
+    const acrostic = $("acrostic").value.trim();
+    if (acrostic) b.acrostic = acrostic;
+    return b;
+  }
+  b.prompt = $("seed").value;
   if (document.querySelector("input[name=mode]:checked").value === "length") {
     b.max_tokens = parseInt($("length").value, 10);
   } else {
@@ -184,12 +227,28 @@ async function copy() {
 }
 
 function showMode() {
-  const lines = document.querySelector("input[name=mode]:checked").value === "lines";
+  const lines = verseForm() !== null || document.querySelector("input[name=mode]:checked").value === "lines";
   $("lines-box").hidden = !lines;
   $("length-box").hidden = lines;
 }
 
+// A form sets the lines, their lengths and rhymes, and starts the poem itself: the options that set
+// them otherwise are hidden and disabled (the acrostic and the keywords stay); its pattern shows.
+function showForm() {
+  const form = verseForm();
+  document.querySelectorAll(".free-only").forEach((el) => {
+    el.hidden = form !== null;
+    el.querySelectorAll("input, select, textarea").forEach((input) => { input.disabled = form !== null; });
+  });
+  $("pattern").textContent = form ? form.pattern : "";
+  $("pattern").hidden = !form;
+  $("candidates-box").hidden = !form;
+  $("candidates").disabled = !form;
+  showMode();
+}
+
 document.querySelectorAll("input[name=mode]").forEach((r) => r.addEventListener("change", showMode));
+$("verse-form").addEventListener("change", showForm);
 $("temperature").addEventListener("input", () => { $("temp-value").textContent = $("temperature").value; });
 $("form").addEventListener("submit", generate);
 $("stop").addEventListener("click", () => { if (controller) controller.abort(); });
@@ -202,7 +261,9 @@ $("lang").addEventListener("click", () => {
 $("api-key").addEventListener("change", () => {
   sessionStorage.setItem("rnngen-key", $("api-key").value.trim());
   loadModels();
+  loadForms();
 });
 applyLanguage();
-showMode();
+showForm();
 loadModels();
+loadForms();
