@@ -7,8 +7,9 @@ Rhyme goes by a rhyme book (rnngen.rhymebook): line ends with the same letter of
 characters of one group. With --line-length the rhyming character's place is known and only it is
 masked; without, the model ends its lines where it likes, except that a line break is allowed only
 right after a character of the line's bound group (the first line of a letter binds it). Where the
-model wanted a break that is barred, the break's probability goes, in part, to the rhyming characters
-(so the line ends on a rhyme soon after); a line that runs past a cap must rhyme, then end.
+model wanted a break that is barred, the break is owed: its chance goes, in part, to the rhyming
+characters, and right after the next one the line ends with at least that chance (so a line ends on
+the first rhyme after where the model wanted to end it); a line that runs past a cap must rhyme, then end.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ class LyricsConstraint:
         self.last = [-1] * batch
         self.last_word = [-1] * batch  # the line's last counted character: the one that rhymes
         self.line_total = [0] * batch  # counted characters of the finished lines: their typical length
+        # a free rhyming line: the chance of the breaks the model wanted where none was allowed, not yet
+        # given (1 - the product of 1 - each); mask() notes this step's part for update()
+        self.owed = [0.0] * batch
+        self._barred: list[float | None] = [None] * batch  # this step barred a break: the chance owed after it
+        self._offered = [False] * batch  # this step allowed the owed break
         # (stanza, letter) -> the rhyme groups its lines may still end in (narrowed by each line)
         self.rhymes: list[dict[tuple[int, str], frozenset[str]]] = [{} for _ in range(batch)]
         self.history: list[list[int]] = [[] for _ in range(batch)]
@@ -169,8 +175,10 @@ class LyricsConstraint:
 
     def _free_rhyme(self, b: int, row: torch.Tensor, after_mark: bool) -> None:
         """A line of no set length: the model writes on, but may break the line only right after a
-        rhyming character (a mark may come between). A barred break's probability lifts the rhyming
-        characters (at most MAX_RHYME_PULL nats); past the cap the line must rhyme, then end."""
+        rhyming character (a mark may come between). A barred break is owed: the chance owed lifts
+        the rhyming characters (at most MAX_RHYME_PULL nats), and where a break is next allowed the
+        line ends with at least that chance (if the model goes on, the debt is dropped). Past the cap
+        the line must rhyme, then end."""
         rhyming = self._rhyming(b)
         ends_well = bool(rhyming[self.last_word[b]])
         if self.col[b] < self._cap(b):
@@ -178,8 +186,16 @@ class LyricsConstraint:
                 probs = torch.softmax(row.float(), -1)
                 want, have = float(probs[self.newline]), float(probs[rhyming].sum())
                 row[self.newline] = _NEG
-                if want > 0 and have > 0:
-                    row[rhyming] += min(math.log1p(want / have), MAX_RHYME_PULL)
+                owed = 1 - (1 - self.owed[b]) * (1 - want)
+                self._barred[b] = owed
+                if owed > 0 and have > 0:
+                    row[rhyming] += min(math.log1p(owed / have), MAX_RHYME_PULL)
+            elif self.owed[b] > 0:  # the first break allowed since: P(break) = 1 - (1 - the model's) (1 - owed)
+                self._offered[b] = True
+                p = float(torch.softmax(row.float(), -1)[self.newline])
+                target = min(1 - (1 - p) * (1 - self.owed[b]), 1 - 1e-6)
+                if 0 < p < target:  # the same in logits: raise the break's log-odds to the target's
+                    row[self.newline] += math.log(target / (1 - target)) - math.log(p / (1 - p))
         elif not ends_well:
             row.masked_fill_(~rhyming, _NEG)  # the rule's first line bound a character in the vocabulary
         elif after_mark:
@@ -202,6 +218,9 @@ class LyricsConstraint:
     def update(self, ids: torch.Tensor) -> None:
         for b, token in enumerate(ids.tolist()):
             self.history[b].append(token)
+            barred, offered = self._barred[b], self._offered[b]
+            self._barred[b], self._offered[b] = None, False
+            counted = token != self.newline and (self.uncounted is None or not self.uncounted[token])
             if token == self.newline:
                 if self.s.rhyme and self.last_word[b] >= 0 and self.keys[self.last_word[b]]:
                     group = self._group(b)  # narrowed, so every line of the letter shares one group
@@ -211,9 +230,13 @@ class LyricsConstraint:
                 self.line_total[b] += self.col[b]
                 self.line[b] += 1
                 self.col[b] = 0
-            elif self.uncounted is None or not self.uncounted[token]:
+            elif counted:
                 self.col[b] += 1
                 self.last_word[b] = token
+            if token == self.newline or (offered and counted):  # paid, or the model went on past it
+                self.owed[b] = 0.0
+            elif barred is not None:
+                self.owed[b] = barred
             self.last[b] = token
 
 

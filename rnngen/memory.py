@@ -30,7 +30,11 @@ class SongCache:
 
     While sampling, `budget` limits how often one passage can be sung again: each token remembers
     the earlier token it was copied from (its root, when the cache offered it), and a root copied
-    `budget` times is no longer offered. A chorus comes back; a line does not loop for ever.
+    `budget` times is no longer offered. A chorus comes back; a line does not loop for ever. Nor is
+    a passage sung back to back more than twice: the line just sung is not offered again at once
+    (_echo), and once the song's last lines are one passage sung twice in a row, the token that
+    would begin (or go on with) a third copy is not offered (_looping); the cache offers what else
+    followed a shorter context instead, so a chorus returns after other lines, as songs bring it back.
     """
 
     def __init__(self, eos_id: int, order: int = CACHE_ORDER, budget: int | None = None, newline_id: int | None = None):
@@ -68,6 +72,7 @@ class SongCache:
     def match(self) -> tuple[int, list[int]]:
         """The longest context length matched (0: none) and the positions of the tokens that followed it."""
         h = self.history
+        looping = self._looping() if self.budget is not None else set()
         for k in range(min(self.order, len(h)), 0, -1):
             context = tuple(h[-k:])
             places = self.follow[k].get(context)
@@ -75,7 +80,8 @@ class SongCache:
                 before = self.shared[k].get(context)
                 places = before + (places or []) if before else places
             if places and self.budget is not None:
-                places = [j for j in places if self.uses.get(self.roots[j], 0) < self.budget and not self._echo(j)]
+                places = [j for j in places if self.uses.get(self.roots[j], 0) < self.budget and not self._echo(j)
+                          and h[j] not in looping]
             if places:
                 self.offered = places
                 return k, places
@@ -105,6 +111,26 @@ class SongCache:
             return False
         start, before = self.lines[-1], self.lines[-2]
         return before <= j < start and j - before == len(self.history) - start
+
+    def _looping(self) -> set[int]:
+        """The tokens that would sing a third copy, back to back, of a passage just sung twice: for
+        each period d where the song's last 2d tokens are two copies of d tokens holding a line break
+        (a passage of lines, begun anywhere in its cycle), the token d back. Such a d is the distance
+        from the last line break to an earlier one, so only those are tried. Only the cache's offer
+        is withheld: the network may still sing it."""
+        h, t, starts = self.history, len(self.history), self.lines
+        last = starts[-1] - 1  # the song's last line break (-1: none yet)
+        tokens = set()
+        for i in range(len(starts) - 2, 0, -1):  # the earlier line breaks, nearest first
+            d = last - (starts[i] - 1)
+            if 2 * d > t:
+                break
+            # the two breaks match by construction: first (cheap) the tokens before them and the last ones
+            before = max(last - 1, t - d)
+            if d >= t - last and h[before] == h[before - d] and h[t - 1] == h[t - 1 - d] \
+                    and h[t - 2 * d : t - d] == h[t - d :]:
+                tokens.add(h[t - d])
+        return tokens
 
     def counts(self, places: list[int]) -> dict[int, int]:
         """How often each token followed, at these positions."""
