@@ -122,6 +122,9 @@ class _CharStream:
         return self.tok.decode((token_id,))
 
 
+META = "\u2581"  # ▁, SentencePiece's whitespace mark
+
+
 class SpmTokenizer:
     """SentencePiece BPE/unigram with byte fallback, so any text encodes; text round-trips exactly."""
 
@@ -134,6 +137,9 @@ class SpmTokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=proto)
         self.vocab_size = self.sp.get_piece_size()
         self.unk_id, self.eos_id = self.sp.unk_id(), self.sp.eos_id()
+        # SentencePiece reads "▁" in a text as its own word-boundary mark and decodes it as a space:
+        # a literal one is written as its UTF-8 byte pieces instead (byte fallback), which decode to it
+        self._meta = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META.encode("utf-8")]
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> "SpmTokenizer":
@@ -161,12 +167,17 @@ class SpmTokenizer:
         return cls(buf.getvalue())
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        if META not in text:
+            return self.sp.encode(text)
+        ids: list[int] = []
+        for k, part in enumerate(text.split(META)):
+            ids += (self._meta if k else []) + (self.sp.encode(part) if part else [])
+        return ids
 
     def encode_songs(self, songs: list[str]) -> "torch.Tensor":
         ids: list[int] = []
-        for piece in self.sp.encode(songs):
-            ids.extend(piece)
+        for song, piece in zip(songs, self.sp.encode(songs)):
+            ids.extend(self.encode(song) if META in song else piece)
             ids.append(self.eos_id)
         return torch.tensor(ids, dtype=torch.long)
 

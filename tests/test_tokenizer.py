@@ -63,3 +63,10 @@ def test_saved_tokenizer_encodes_the_same(tmp_path, char_tok, spm_tok, kind):
     again = load_tokenizer(kind, tmp_path)
     assert again.vocab_size == tok.vocab_size
     assert again.encode(CORPUS[:500]) == tok.encode(CORPUS[:500])
+
+
+@pytest.mark.parametrize("text", ["▁", "a▁b", "▁▁ x ▁", "我▁你"])
+def test_spm_keeps_a_literal_word_boundary_mark(spm_tok, text):
+    """U+2581 is SentencePiece's own mark for a space: a literal one must come back as itself."""
+    assert spm_tok.decode(spm_tok.encode(text)) == text
+    assert spm_tok.decode(spm_tok.encode_songs([text, "x"]).tolist()) == text + "\n\nx\n\n"
