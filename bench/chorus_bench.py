@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from quality import repetition, split_songs  # noqa: E402
-from rnngen.constraints import _uncounted  # noqa: E402
+from rnngen.constraints import is_uncounted  # noqa: E402
 from rnngen.rhymebook import xinyun_group  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def song_figures(text: str) -> dict:
 
 
 def counted(line: str) -> str:
-    return "".join(c for c in line if not _uncounted(c))
+    return "".join(c for c in line if not is_uncounted(c))
 
 
 def line_lengths(text: str) -> list[int]:

@@ -99,7 +99,7 @@ class LyricsConstraint:
         self.s, self.tok, self.batch = s, tokenizer, batch
         self.newline = tokenizer.stoi.get("\n", -1) if isinstance(tokenizer, CharTokenizer) else -1
         # punctuation and spaces do not count towards a line's length (7 characters means 7 words)
-        self.uncounted = torch.tensor([_uncounted(t) for t in tokenizer.itos]) if s.shapes_lines else None
+        self.uncounted = torch.tensor([is_uncounted(t) for t in tokenizer.itos]) if s.shapes_lines else None
         # what may follow a full line's last character: a punctuation mark, not a symbol such as □
         self.closing = torch.tensor([_punctuation(t) for t in tokenizer.itos]) if s.shapes_lines else None
         self.line = [0] * batch
@@ -240,7 +240,7 @@ class LyricsConstraint:
             self.last[b] = token
 
 
-def _uncounted(token: str) -> bool:
+def is_uncounted(token: str) -> bool:
     import unicodedata
 
     return len(token) == 1 and token != "\n" and unicodedata.category(token)[0] in "PZS"

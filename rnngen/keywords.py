@@ -74,7 +74,7 @@ class KeywordRule:
                                  f"{max(line_lengths)}" + (" beside the rhyme" if rhyme else "")
                                  + (" and the acrostic" if acrostic else ""), "keywords")
         self.line, self.col = 0, 0
-        self.slots = self._plan(0)
+        self.slots = self._plan()
         self.active: _Slot | None = None  # the keyword being written
         self.written = 0  # its tokens written
         self.tail: list[int] = []  # recent tokens: a keyword the model writes itself counts
@@ -84,16 +84,16 @@ class KeywordRule:
     def _length(self, line: int) -> int | None:
         return self.line_lengths[line % len(self.line_lengths)] if self.line_lengths else None
 
-    def _plan(self, first: int) -> list[_Slot]:
+    def _plan(self) -> list[_Slot]:
         """A line for each keyword, spread in order over the song's lines, and a window in it."""
         n = len(self.words)
-        total = (self.lines - first) if self.lines is not None else max(n, min(SPREAD_LINES, 2 * n + 2))
+        total = self.lines if self.lines is not None else max(n, min(SPREAD_LINES, 2 * n + 2))
         if total <= 0:
             return []
         slots, used = [], {}  # line -> columns taken
         for k, word in enumerate(self.words):
             lo, hi = k * total // n, max(k * total // n, (k + 1) * total // n - 1)
-            line = first + lo + self._draw(hi - lo + 1)
+            line = lo + self._draw(hi - lo + 1)
             length = self._length(line)
             begin = max(int(self.acrostic), used.get(line, 0))
             if length is not None:
@@ -155,7 +155,7 @@ class KeywordRule:
         if token == self.eos:  # (banned while a keyword waits, unless nothing else was left)
             self.line, self.col = 0, 0
             if self.per_song:  # with --songs, every song gets the keywords
-                self.active, self.slots = None, self._plan(0)
+                self.active, self.slots = None, self._plan()
         elif token == self.newline:
             self.line, self.col = self.line + 1, 0
             for slot in self.slots:  # a slot whose line went by (a line the rules ended) moves down

@@ -29,7 +29,7 @@ from rnngen.modeldir import LoadedModel
 from rnngen.config import (DEFAULT_LENGTH, MAX_SEED, MAX_VOCAB, SONG_ROOM, SamplingSettings, check_range,
                            check_text)
 from rnngen.compose import DEFAULT_CANDIDATES, MAX_CANDIDATES, is_han, open_form, parse_keywords, room
-from rnngen.constraints import LyricsConstraint, Structure, _uncounted, parse_line_lengths
+from rnngen.constraints import LyricsConstraint, Structure, is_uncounted, parse_line_lengths
 from rnngen.errors import Incomplete, UsageError
 from rnngen.forms import Form, find_form
 from rnngen.keywords import MAX_TOPIC, TOPIC_WEIGHT, KeywordRule, Topics, words_ids
@@ -457,7 +457,7 @@ class Sampler:
             raise UsageError("--keywords without --form needs a model with --tokenizer char that knows line breaks",
                              "keywords")
         st = request.structure
-        uncounted = torch.tensor([_uncounted(t) for t in self.tok.itos])
+        uncounted = torch.tensor([is_uncounted(t) for t in self.tok.itos])
         return KeywordRule(words, self.tok, generator, lines=st.total_lines(), line_lengths=st.line_lengths,
                            rhyme=bool(st.rhyme), acrostic=bool(st.acrostic), uncounted=uncounted,
                            per_song=bool(request.songs))
