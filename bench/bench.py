@@ -1,6 +1,7 @@
 """rnngen speed benchmark: run by hand, prints figures and ratios measured in the same run.
 
     python bench/bench.py [--corpus TEXT] [--ref PATH/TO/ref_lstm.py] [--repeats 3] [--steps 6] [--device cuda]
+    python bench/bench.py --only song-memory --threads 1 --repeats 7   # the song memory ratios alone, a minute
 
 Measures, on this machine and in this run: the fp32 and bf16 matmul peak; rnngen's training
 throughput (chars/s and model-FLOPs utilisation) for the default model and for the 2x512
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -131,19 +133,43 @@ def copy_guard_speed(length: int, repeats: int) -> tuple[float, float]:
 
 def song_memory_speed(length: int, repeats: int, streams: int = 1) -> tuple[float, float, float] | None:
     """chars/s of `streams` streams from the bundled model: the network alone (the path before song
-    memory), network + n-gram (--no-song-memory), and network + n-gram + song memory (the default)."""
+    memory), network + n-gram (--no-song-memory), and network + n-gram + song memory (the default).
+    The three run in turn within each repeat (load from other processes hits all three alike);
+    medians of the repeats."""
     loaded = load_model(bundled_dir())
     if loaded.mixture is None:
         return None
     alone = LoadedModel(loaded.model, loaded.tokenizer, loaded.directory,
                         {k: v for k, v in loaded.meta.items() if k not in ("mixture", "song_memory")})
-    speeds = []
+    runs = []
     for model, memory in ((alone, True), (loaded, False), (loaded, True)):
-        req = lambda: SampleRequest(length=length, settings=SamplingSettings(0.8), random_seed=1, song_memory=memory,
-                                    num_samples=streams)
         sampler = Sampler(model)
-        speeds.append(streams * length / median_time(lambda: sum(1 for _ in sampler.generate(req())), repeats))
-    return speeds[0], speeds[1], speeds[2]
+        req = lambda memory=memory: SampleRequest(length=length, settings=SamplingSettings(0.8), random_seed=1,
+                                                  song_memory=memory, num_samples=streams)
+        runs.append(lambda sampler=sampler, req=req: sum(1 for _ in sampler.generate(req())))
+        runs[-1]()  # warm-up
+    times = [[], [], []]
+    for _ in range(repeats):
+        for run, spent in zip(runs, times):
+            t = time.perf_counter()
+            run()
+            spent.append(time.perf_counter() - t)
+    alone_s, base_s, full_s = (statistics.median(t) for t in times)
+    return streams * length / alone_s, streams * length / base_s, streams * length / full_s
+
+
+def song_memory_rows(repeats: int, row) -> None:
+    """The song memory figures: one stream and 64, each beside the load average it ran under."""
+    for streams, length in ((1, 2000), (64, 200)):
+        memory = song_memory_speed(length, repeats, streams)
+        if memory:
+            alone, base, full = memory
+            what = "one stream" if streams == 1 else f"{streams} streams (total)"
+            load = f"(load {os.getloadavg()[0]:.1f}, {torch.get_num_threads()} threads)"
+            row(f"rnngen sample bundled, {what}, network alone", f"{alone:,.0f} chars/s")
+            row(f"rnngen sample bundled, {what}, + n-gram (--no-song-memory)", f"{base:,.0f} chars/s")
+            row(f"rnngen sample bundled, {what}, + n-gram + song memory", f"{full:,.0f} chars/s")
+            row(f"ratio: {what}, with song memory / network alone", f"{full / alone:.2f}x {load}")
 
 
 def start_up(repeats: int) -> tuple[float, float, float]:
@@ -179,14 +205,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="training steps per timed repeat")
     p.add_argument("--sample-length", type=int, default=500)
     p.add_argument("--device", default="cpu", help="cpu or cuda (model FLOPs utilisation is then of the GPU's peak)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--only", choices=["song-memory"], help="run one part: song-memory (its speeds and ratios)")
     a = p.parse_args()
     dev = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    row = lambda k, v: print(f"{k:<58} {v}", flush=True)
+    if a.only == "song-memory":
+        song_memory_rows(a.repeats, row)
+        return
 
     if not Path(a.corpus).is_file():
         sys.exit(f"no corpus at {a.corpus}; pass --corpus FILE (any UTF-8 text; tinyshakespeare in the issue's figures)")
     text = Path(a.corpus).read_text(encoding="utf-8")
     vocab = len(set(text)) + 2
-    row = lambda k, v: print(f"{k:<58} {v}", flush=True)
     row("torch / threads / fast bf16 on this CPU", f"{torch.__version__} / {torch.get_num_threads()} / {cpu_has_fast_bf16()}")
     if dev.type == "cuda":
         row("GPU", torch.cuda.get_device_name())
@@ -229,15 +262,7 @@ def main() -> None:
     row("rnngen sample bundled 2x384, one stream", f"{free:,.0f} chars/s")
     row("rnngen sample bundled 2x384, one stream, --max-copy 8", f"{guarded:,.0f} chars/s")
     row("ratio: --max-copy 8 / unconstrained", f"{guarded / free:.2f}x")
-    for streams, length in ((1, 2000), (64, 200)):
-        memory = song_memory_speed(length, a.repeats, streams)
-        if memory:
-            alone, base, full = memory
-            what = "one stream" if streams == 1 else f"{streams} streams (total)"
-            row(f"rnngen sample bundled, {what}, network alone", f"{alone:,.0f} chars/s")
-            row(f"rnngen sample bundled, {what}, + n-gram (--no-song-memory)", f"{base:,.0f} chars/s")
-            row(f"rnngen sample bundled, {what}, + n-gram + song memory", f"{full:,.0f} chars/s")
-            row(f"ratio: {what}, with song memory / network alone", f"{full / alone:.2f}x")
+    song_memory_rows(a.repeats, row)
     if dev.type == "cpu":
         torch_s, sample_s, load_s = start_up(5)
         row("python -c 'import torch' (median of 5)", f"{torch_s:.2f} s")

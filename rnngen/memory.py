@@ -13,6 +13,8 @@ cache, with its own weights.
 
 from __future__ import annotations
 
+import sys
+from bisect import bisect_left
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -43,27 +45,37 @@ class SongCache:
 
     def reset(self) -> None:
         self.history: list[int] = []
-        self.follow: list[dict[tuple, list[int]]] = [{} for _ in range(self.order + 1)]  # context -> next positions
-        self.shared: list[dict[tuple, list[int]]] | None = None  # a forked cache's earlier positions (read only)
+        self.tail = b""  # the last `order` tokens, 4 bytes each: every context matched or recorded is a suffix
+        self.follow: dict[bytes, bytearray] = {}  # context -> the positions that followed it (4 bytes each)
+        self.shared: dict[bytes, bytes] | None = None  # a forked cache's earlier positions (read only)
         self.roots: list[int] = []  # per position: the position its token was first sung at
         self.uses: dict[int, int] = {}  # root -> times copied
         self.offered: list[int] = []  # the positions the last match() offered
+        self.matched = (-1, 0)  # (song length, its longest context seen before) at the last match()
         self.lines = [0]  # where each line starts (with a newline_id)
 
     def push(self, token: int) -> None:
         if token == self.eos_id:  # a new song starts with an empty memory
             self.reset()
             return
-        h, t = self.history, len(self.history)
+        h, t, tail, follow = self.history, len(self.history), self.tail, self.follow
         root = t
         for j in reversed(self.offered):  # sung again from the most recent place offered
             if h[j] == token:
                 root = self.roots[j]
                 self.uses[root] = self.uses.get(root, 0) + 1
                 break
-        for k in range(1, min(self.order, t) + 1):
-            self.follow[k].setdefault(tuple(h[-k:]), []).append(t)
+        # bytes, not tuples or lists: the garbage collector tracks none of these objects, so the
+        # song's tables never join the objects each of its collections walks through
+        place = t.to_bytes(4, sys.byteorder)  # read back by memoryview.cast("I")
+        for context in [tail[-k:] for k in range(4, len(tail) + 1, 4)]:
+            places = follow.get(context)
+            if places is None:
+                follow[context] = bytearray(place)
+            else:
+                places += place
         h.append(token)
+        self.tail = (tail + token.to_bytes(4, sys.byteorder))[-4 * self.order :]
         self.roots.append(root)
         self.offered = []
         if token == self.newline_id:
@@ -71,17 +83,26 @@ class SongCache:
 
     def match(self) -> tuple[int, list[int]]:
         """The longest context length matched (0: none) and the positions of the tokens that followed it."""
-        h = self.history
-        looping = self._looping() if self.budget is not None else set()
-        for k in range(min(self.order, len(h)), 0, -1):
-            context = tuple(h[-k:])
-            places = self.follow[k].get(context)
-            if self.shared is not None:
-                before = self.shared[k].get(context)
-                places = before + (places or []) if before else places
-            if places and self.budget is not None:
-                places = [j for j in places if self.uses.get(self.roots[j], 0) < self.budget and not self._echo(j)
-                          and h[j] not in looping]
+        h, tail, follow, shared = self.history, self.tail, self.follow, self.shared
+        longest = len(tail) // 4
+        if self.matched[0] == len(h) - 1:  # one token on, the longest context seen before grew by one at most
+            longest = min(longest, self.matched[1] + 1)
+        self.matched = (len(h), 0)
+        looping = None
+        for k in range(longest, 0, -1):
+            context = tail[-4 * k :]
+            places = follow.get(context, b"")
+            if shared is not None:
+                places = shared.get(context, b"") + places
+            if not places:
+                continue
+            if not self.matched[1]:
+                self.matched = (len(h), k)
+            places = memoryview(places).cast("I").tolist()
+            if self.budget is not None:
+                if looping is None:
+                    looping, echo, uses, roots = self._looping(), self._echo(), self.uses, self.roots
+                places = [j for j in places if j != echo and h[j] not in looping and uses.get(roots[j], 0) < self.budget]
             if places:
                 self.offered = places
                 return k, places
@@ -94,23 +115,22 @@ class SongCache:
         other = SongCache.__new__(SongCache)
         other.__dict__.update(self.__dict__)
         if self.shared is not None:  # a fork of a fork: one read-only view of both
-            shared = [dict(d) for d in self.shared]
-            for k, own in enumerate(self.follow):
-                for context, places in own.items():
-                    shared[k][context] = shared[k].get(context, []) + places
+            shared = dict(self.shared)
+            for context, places in self.follow.items():
+                shared[context] = shared.get(context, b"") + places
         else:
             shared = self.follow
-        other.shared, other.follow = shared, [{} for _ in range(self.order + 1)]
+        other.shared, other.follow = shared, {}
         other.history, other.roots, other.uses = list(self.history), list(self.roots), dict(self.uses)
         other.offered, other.lines = list(self.offered), list(self.lines)
         return other
 
-    def _echo(self, j: int) -> bool:
-        """Whether copying position j would sing the line just before again, word for word."""
+    def _echo(self) -> int:
+        """The position whose copy would sing the line just before again, word for word (-1: none)."""
         if len(self.lines) < 2:
-            return False
+            return -1
         start, before = self.lines[-1], self.lines[-2]
-        return before <= j < start and j - before == len(self.history) - start
+        return before + len(self.history) - start if len(self.history) - start < start - before else -1
 
     def _looping(self) -> set[int]:
         """The tokens that would sing a third copy, back to back, of a passage just sung twice: for
@@ -120,17 +140,12 @@ class SongCache:
         is withheld: the network may still sing it."""
         h, t, starts = self.history, len(self.history), self.lines
         last = starts[-1] - 1  # the song's last line break (-1: none yet)
-        tokens = set()
-        for i in range(len(starts) - 2, 0, -1):  # the earlier line breaks, nearest first
-            d = last - (starts[i] - 1)
-            if 2 * d > t:
-                break
-            # the two breaks match by construction: first (cheap) the tokens before them and the last ones
-            before = max(last - 1, t - d)
-            if d >= t - last and h[before] == h[before - d] and h[t - 1] == h[t - 1 - d] \
-                    and h[t - 2 * d : t - d] == h[t - d :]:
-                tokens.add(h[t - d])
-        return tokens
+        # the earlier line breaks at most t/2 tokens before it: d = starts[-1] - start of the line after
+        first = bisect_left(starts, last + 1 - t // 2, 1, max(len(starts) - 1, 1))
+        # the two breaks match by construction: first (cheap) the last tokens and the first ones
+        return {h[t - d] for d in [starts[-1] - start for start in starts[first:-1]]
+                if h[t - 1] == h[t - 1 - d] and h[t - d] == h[t - 2 * d] and d >= t - last
+                and h[t - 2 * d : t - d] == h[t - d :]}
 
     def counts(self, places: list[int]) -> dict[int, int]:
         """How often each token followed, at these positions."""
@@ -255,6 +270,8 @@ class SongState:
     def __init__(self, mix: Mixture, eos_id: int, newline_id: int | None = None, memory: bool = True):
         self.memory = memory  # False: the base mixture (network and n-gram), the cache is not consulted
         self.history: list[int] = []
+        self.pushed = 0  # tokens pushed so far
+        self.known: tuple | None = None  # (n-gram, pushed, its context() then): what contexts() extends
         self.cache = SongCache(eos_id, mix.full.shape[1] - 1, COPY_BUDGET, newline_id)
 
     def push(self, token: int) -> None:
@@ -262,84 +279,103 @@ class SongState:
         h.append(token)
         if len(h) > 64:
             del h[:-16]
+        self.pushed += 1
         self.cache.push(token)
 
     def fork(self) -> "SongState":
         """A copy for another stream of the same prompt (see SongCache.fork)."""
         other = SongState.__new__(SongState)
         other.memory, other.history, other.cache = self.memory, list(self.history), self.cache.fork()
+        other.pushed, other.known = self.pushed, self.known
         return other
+
+
+def contexts(ngram, songs: list[SongState]) -> list[list[int]]:
+    """Each song's n-gram context indices for its next token (KneserNey.context()): a song one token
+    past its last lookup extends that one (KneserNey.advance, all such songs at once), another is
+    looked up from its history. Each song keeps what was found."""
+    found, behind = [], []  # each song's contexts; the songs one token past their last lookup
+    for b, song in enumerate(songs):
+        known = song.known
+        if known is None or known[0] is not ngram or not 0 <= song.pushed - known[1] <= 1:
+            found.append(ngram.context(song.history))
+        else:
+            found.append(known[2])
+            if song.pushed != known[1]:
+                behind.append(b)
+    if behind:
+        rows = ngram.advance([found[b] for b in behind], [songs[b].history[-1] for b in behind])
+        for b, row in zip(behind, rows):
+            found[b] = row
+    for song, row in zip(songs, found):
+        song.known = (ngram, song.pushed, row)
+    return found
 
 
 def mix(mixture: Mixture, ngram, logits: torch.Tensor, songs: list[SongState]) -> torch.Tensor:
     """The network's logits (batch, vocab) -> the log-probabilities of the mixture (batch, vocab):
-    row b mixes the network with the n-gram and song memory of songs[b]. Stateless: the songs are
-    only read (pick() pushes each chosen token afterwards). All rows at once: the n-gram's
-    distributions come as a few weights per row and sparse entries (KneserNey.terms), the song
-    caches' offers as sparse entries, and the dense work is a handful of (batch, vocab) steps, each
-    rounded on its own, so a row's numbers never depend on the other rows."""
+    row b mixes the network with the n-gram and song memory of songs[b]. The songs are only read
+    (pick() pushes each chosen token afterwards; each keeps its n-gram context for the next step).
+    All rows at once: the n-gram's distributions come as a few weights per row and sparse entries
+    (KneserNey.terms), the song caches' offers as sparse entries, and the dense work is a handful of
+    (batch, vocab) steps, each rounded on its own, so a row's numbers never depend on the other rows."""
     rows, vocab = logits.shape
     out = torch.softmax(logits.float(), -1)  # float32: sampling needs no more (evaluation mixes in float64)
-    terms = ngram.terms([song.history for song in songs]) if ngram is not None else None
-    order = terms.order if terms is not None else np.ones(rows, dtype=np.int64)
+    table = np.array(contexts(ngram, songs), dtype=np.int64).reshape(rows, -1) if ngram is not None else None
+    order = (table >= 0).sum(1) if table is not None else np.ones(rows, dtype=np.int64)  # the orders seen
     k = np.zeros(rows, dtype=np.int64)
     memory = np.zeros(rows, dtype=bool)
-    cache_rows, cache_tokens, cache_shares = [], [], []
+    cache_index, cache_shares = [], []
     for b, song in enumerate(songs):
         if not song.memory:
             continue
         memory[b] = True
         k[b], places = song.cache.match()
         if places:
-            seen = song.cache.counts(places)
-            total = sum(seen.values())
-            cache_rows += [b] * len(seen)
-            cache_tokens += list(seen)
-            cache_shares += [c / total for c in seen.values()]
+            for token, count in song.cache.counts(places).items():
+                cache_index.append(b * vocab + token)
+                cache_shares.append(count / len(places))
     w = np.where(memory[:, None], mixture.full[order - 1, k], mixture.base3[order - 1])  # (rows, 3)
-    if terms is None:
+    if table is None:
         dense = np.stack([w[:, 0], np.zeros(rows), w[:, 1] / vocab], 1)
-        unigram = torch.zeros(vocab)
+        unigram, parts = torch.zeros(vocab), []
     else:
-        dense = np.stack([w[:, 0], w[:, 1] * terms.unigram_weight, w[:, 1] * terms.uniform / vocab], 1)
-        unigram = torch.from_numpy(terms.unigram)
+        terms = ngram.terms(table, w[:, 1])
+        dense = np.stack([w[:, 0], terms.unigram_weight, terms.uniform], 1)
+        unigram, parts = torch.from_numpy(terms.unigram), terms.entries
     coef = torch.from_numpy(dense.astype(np.float32))
     out *= coef[:, :1]
     out += coef[:, 1:2] * unigram
     out += coef[:, 2:]
     # each n-gram order's entries, then the cache's, added one part at a time: a part holds a token
     # once per row, so every element's sum runs in the same order whatever the other rows are
-    parts = [] if terms is None else [(r, t, w[r, 1] * v) for r, t, v in terms.entries]
-    if cache_rows:
-        r = np.array(cache_rows)
-        parts.append((r, np.array(cache_tokens), w[r, 2] * np.array(cache_shares)))
-    for r, t, v in parts:
-        if len(r):
-            out.index_put_((torch.from_numpy(r), torch.from_numpy(t)), torch.from_numpy(v.astype(np.float32)),
-                           accumulate=True)
+    if cache_index:
+        index = np.array(cache_index)
+        parts = [*parts, (index, (w[index // vocab, 2] * np.array(cache_shares)).astype(np.float32))]
+    flat = out.view(-1)
+    for index, value in parts:
+        flat.index_add_(0, torch.from_numpy(index), torch.from_numpy(value))
     return out.clamp_min_(1e-30).log_().to(logits.device)
 
 
 def mix_rows(mixture: Mixture, ngram, logits: torch.Tensor, songs: list[SongState]) -> torch.Tensor:
-    """mix(), one row at a time in float64: about twice as fast for one or two rows (no batch
-    set-up), slower for many; a row's numbers agree with mix()'s to float32 rounding, not bit for bit."""
-    p_net = torch.softmax(logits.float(), -1).cpu().numpy().astype(np.float64)
-    vocab = p_net.shape[1]
-    out = np.empty_like(p_net)
+    """mix(), one row at a time in numpy and float64: about twice as fast for one or two rows (no
+    batch set-up), slower for many; a row's numbers agree with mix()'s to float32 rounding, not bit
+    for bit."""
+    p_net = torch.softmax(logits.float(), -1).cpu().numpy()
+    out = np.empty(p_net.shape)
+    table = contexts(ngram, songs) if ngram is not None else [[0]] * len(songs)
     for b, song in enumerate(songs):
-        if ngram is not None:
-            p_ngram, order = ngram.distribution(song.history)
-        else:
-            p_ngram, order = np.full(vocab, 1.0 / vocab), 1
+        order = sum(c >= 0 for c in table[b])  # the longest order whose context was seen
         k, places = song.cache.match() if song.memory else (0, [])
+        w = mixture.full[order - 1, k] if song.memory else mixture.base[order - 1]
+        row = np.multiply(p_net[b], w[0], out=out[b])  # float64: p_net's float32 is widened exactly
+        if ngram is not None:
+            ngram.add_distribution(row, table[b], w[1])
+        else:
+            row += w[1] * (1.0 / len(row))  # the uniform distribution
         if places:
             seen = song.cache.counts(places)
-            w = mixture.full[order - 1, k]
-            row = w[0] * p_net[b] + w[1] * p_ngram
-            total = sum(seen.values())
-            row[list(seen)] += w[2] * np.fromiter(seen.values(), dtype=np.float64) / total
-        else:
-            w = mixture.full[order - 1, 0] if song.memory else mixture.base[order - 1]
-            row = w[0] * p_net[b] + w[1] * p_ngram
-        out[b] = row
-    return torch.from_numpy(np.log(np.maximum(out, 1e-300))).to(logits.device, torch.float32)
+            row[list(seen)] += w[2] * np.fromiter(seen.values(), dtype=np.float64) / len(places)
+    np.maximum(out, 1e-300, out=out)
+    return torch.from_numpy(np.log(out, out=out)).to(logits.device, torch.float32)

@@ -20,6 +20,7 @@ import lzma
 import os
 import shutil
 import tempfile
+from bisect import bisect_left
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -165,74 +166,70 @@ class KneserNey:
             out.append(ctx)
         return out
 
-    def terms(self, histories: list[list[int]]) -> "Terms":
-        """The next token's distribution after each history, as a few numbers per row and the sparse
-        entries of the orders above the unigram (a dense (rows, V) table would be mostly copies of
-        the unigram): p[b] = uniform[b] / V + unigram_weight[b] * unigram + entries of row b. One
-        numpy pass per order over all rows; equal to distribution() up to float rounding."""
-        V, rows = self.vocab_size, len(histories)
-        contexts = self._contexts(histories)
-        found = np.ones(rows, dtype=np.int64)
-        for m, ctx in enumerate(contexts[1:], start=2):
-            found[ctx >= 0] = m
-        # weights from the top order down: an order's entries are scaled by the back-offs above it
-        above = np.ones(rows)
-        rows_at, tokens_at, values_at = [], [], []  # per order (highest first): lists of pieces
-        for m in range(len(contexts), 0, -1):
-            ctx = contexts[m - 1]
-            live = np.flatnonzero(ctx >= 0)
-            level = self.levels[m - 1]
-            c = ctx[live]
-            if m > 1:
-                rows_at.append([]), tokens_at.append([]), values_at.append([])
-            if m > 1 and len(live) <= 4:  # a few rows: slices (the same numbers, less overhead)
-                for b, cb in zip(live.tolist(), c.tolist()):
-                    lo, hi = level.first[cb], level.first[cb + 1]
-                    rows_at[-1].append(np.full(hi - lo, b))
-                    tokens_at[-1].append(level.keys[lo:hi] - cb * V)
-                    values_at[-1].append(level.prob[lo:hi] * above[b])
-            elif m > 1:
-                lo, hi = level.first[c], level.first[c + 1]
-                counts = hi - lo
-                at = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(lo, counts)
-                rows_at[-1].append(np.repeat(live, counts))
-                tokens_at[-1].append(level.keys[at] - np.repeat(c * V, counts))
-                values_at[-1].append(level.prob[at] * np.repeat(above[live], counts))
-            if m == 1:
-                unigram_weight = above.copy()
-            above[live] *= level.backoff[c]
-        return Terms(uniform=above, unigram_weight=unigram_weight, unigram=self._unigram,
-                     entries=[(np.concatenate(r), np.concatenate(t), np.concatenate(v))
-                              for r, t, v in zip(rows_at, tokens_at, values_at) if r], order=found)
+    def advance(self, contexts: list[list[int]], tokens: list[int]) -> list[list[int]]:
+        """context() of each row once its token is appended: order m's new context is order m-1's
+        old one followed by the token, one search per order instead of one per token of each context.
+        (An unseen context is unseen in every longer one: its suffixes were counted where it was.)"""
+        V = self.vocab_size
+        if len(tokens) <= 4:  # a few rows: scalar searches among the context's own m-grams (less overhead)
+            out = []
+            for before, token in zip(contexts, tokens):
+                row = [0] + [-1] * (self.order - 1)
+                for m in range(1, self.order):
+                    c, level = before[m - 1], self.levels[m - 1]
+                    if c < 0:
+                        break
+                    hi = int(level.first[c + 1])
+                    i = bisect_left(level.keys, c * V + token, int(level.first[c]), hi)
+                    if i == hi or level.keys[i] != c * V + token:
+                        break
+                    row[m] = i
+                out.append(row)
+            return out
+        table, tokens = np.array(contexts, dtype=np.int64), np.array(tokens, dtype=np.int64)
+        out = np.full_like(table, -1)
+        out[:, 0] = 0
+        for m in range(1, self.order):
+            before = table[:, m - 1]
+            i, hit = _find(self.levels[m - 1], np.maximum(before, 0) * V + tokens)
+            out[:, m] = np.where(hit & (before >= 0), i, -1)
+        return out.tolist()
 
-    def _contexts(self, histories: list[list[int]]) -> list[np.ndarray]:
-        """Per order, each history's context index (-1: unseen); orders no history reaches are left out.
-        A few rows are looked up one by one (scalar searches are cheap), many in one pass per token."""
-        rows, V = len(histories), self.vocab_size
-        if rows <= 4:
-            table = np.array([self.context(h) for h in histories], dtype=np.int64).reshape(rows, -1)
-            for m in range(1, table.shape[1]):  # an order whose context is unseen hides the higher ones
-                table[:, m] = np.where(table[:, m - 1] < 0, -1, table[:, m])
-            columns = [table[:, m] for m in range(table.shape[1])]
-        else:
-            width = max(self.order - 1, 0)
-            tails = np.full((rows, width), -1, dtype=np.int64)  # the last order-1 tokens, right-aligned
-            for b, h in enumerate(histories):
-                recent = h[-width:] if width else []
-                if recent:
-                    tails[b, width - len(recent):] = recent
-            columns, alive = [np.zeros(rows, dtype=np.int64)], np.ones(rows, dtype=bool)
-            for m in range(2, self.order + 1):  # walk each context's tokens through the lower orders
-                ctx = np.zeros(rows, dtype=np.int64)
-                for j, column in enumerate(range(width - (m - 1), width)):
-                    tok = tails[:, column]
-                    i, hit = _find(self.levels[j], ctx * V + np.maximum(tok, 0))
-                    alive = alive & hit & (tok >= 0)
-                    ctx = np.where(alive, i, 0)
-                columns.append(np.where(alive, ctx, -1))
-        while len(columns) > 1 and not (columns[-1] >= 0).any():
-            columns.pop()
-        return columns
+    def terms(self, contexts: np.ndarray, weight: np.ndarray) -> "Terms":
+        """`weight` (rows,) times the next token's distribution at each row's contexts (rows, order)
+        (context(), advance()), as a few numbers per row and the sparse entries of the orders above
+        the unigram (a dense (rows, V) table would be mostly copies of the unigram):
+        p[b] = uniform[b] + unigram_weight[b] * unigram + entries of row b (at b * V + token).
+        One numpy pass per order over all rows; equal to weight * distribution() up to float rounding."""
+        V, rows = self.vocab_size, len(contexts)
+        above = np.ones(rows)  # the back-offs of the orders above, from the top order down
+        entries = []  # per order above the unigram, highest first: (flat index b * V + token, value)
+        for m in range(contexts.shape[1], 1, -1):
+            ctx = contexts[:, m - 1]
+            live = np.flatnonzero(ctx >= 0)
+            if not len(live):
+                continue
+            level, c = self.levels[m - 1], ctx[live]
+            scale = weight[live] * above[live]
+            if len(live) <= 4:  # a few rows: slices (the same numbers, less overhead)
+                index, value = [], []
+                for b, cb, s in zip(live.tolist(), c.tolist(), scale):
+                    lo, hi = level.first[cb], level.first[cb + 1]
+                    index.append(level.keys[lo:hi] + (b - cb) * V)  # a key is context * V + token
+                    value.append(level.prob[lo:hi] * s)
+                index, value = np.concatenate(index), np.concatenate(value).astype(np.float32)
+            else:  # each row's run of level entries, laid end to end
+                lo = level.first[c]
+                counts = level.first[c + 1] - lo
+                at, offset = np.repeat(np.stack([lo - (np.cumsum(counts) - counts), (live - c) * V]), counts, 1)
+                at += np.arange(len(at))
+                index = level.keys[at]
+                index += offset
+                value = np.multiply(level.prob[at], np.repeat(scale, counts), out=np.empty(len(at), np.float32))
+            entries.append((index, value))
+            above[live] *= level.backoff[c]
+        return Terms(uniform=weight * (above * self.levels[0].backoff[0]) / V, unigram_weight=weight * above,
+                     unigram=self._unigram, entries=entries)
 
     @cached_property
     def _unigram(self) -> np.ndarray:
@@ -242,31 +239,45 @@ class KneserNey:
         dense[np.asarray(level.keys[level.first[0]:level.first[1]])] = level.prob[level.first[0]:level.first[1]]
         return dense
 
+    @cached_property
+    def unigram_distribution(self) -> np.ndarray:
+        """The distribution of order 1 (V,) float64: the uniform one backed off to, plus the unigram's shares."""
+        level, V = self.levels[0], self.vocab_size
+        p = np.full(V, 1.0 / V) * level.backoff[0]
+        p[level.keys[level.first[0]:level.first[1]]] += level.prob[level.first[0]:level.first[1]]
+        return p
+
+    def add_distribution(self, row: np.ndarray, context: list[int], weight: float) -> None:
+        """row (V,) float64 += weight * the next token's distribution at `context` (context()): each
+        order above the unigram adds its few entries, scaled by the back-offs above it, and the
+        unigram's distribution is added once, scaled by all of them."""
+        V = self.vocab_size
+        for m in range(len(context), 1, -1):
+            c = context[m - 1]
+            if c < 0:
+                continue
+            level = self.levels[m - 1]
+            lo, hi = level.first[c], level.first[c + 1]
+            row[level.keys[lo:hi] - c * V] += level.prob[lo:hi] * weight  # a token once per order: no repeats
+            weight *= level.backoff[c]
+        row += weight * self.unigram_distribution
+
     def distribution(self, history: list[int]) -> tuple[np.ndarray, int]:
         """The next token's whole distribution (V,), and the longest order whose context was seen."""
-        V = self.vocab_size
-        p = np.full(V, 1.0 / V)
-        found = 1
-        for m, ctx in enumerate(self.context(history), start=1):
-            if ctx < 0:
-                break
-            level = self.levels[m - 1]
-            lo, hi = level.first[ctx], level.first[ctx + 1]
-            p *= level.backoff[ctx]
-            p[level.keys[lo:hi] - ctx * V] += level.prob[lo:hi]  # one entry per token: no repeats
-            found = m
-        return p, found
+        context = self.context(history)
+        p = np.zeros(self.vocab_size)
+        self.add_distribution(p, context, 1.0)
+        return p, sum(c >= 0 for c in context)
 
 
 @dataclass
 class Terms:
     """KneserNey.terms(): rows of next-token distributions in parts (see there)."""
 
-    uniform: np.ndarray  # (rows,) weight of the uniform 1/V
+    uniform: np.ndarray  # (rows,) the share of every token (the uniform distribution's weight / V)
     unigram_weight: np.ndarray  # (rows,) weight of `unigram`
     unigram: np.ndarray  # (V,) the unigram level's shares, float32 (what mix adds them in)
-    entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per higher order: rows, tokens, values (a token once per row)
-    order: np.ndarray  # (rows,) the longest order whose context was seen
+    entries: list[tuple[np.ndarray, np.ndarray]]  # per higher order: flat indices b * V + token, float32 values (a token once per row)
 
 
 def cache_dir() -> Path:
