@@ -1,7 +1,8 @@
 """rnngen quality benchmark: held-out bits/char against baselines, and repetition in generated songs.
 
-    python bench/quality.py CORPUS [--split every|tail10] [--every 20] [--time-limit 10m] [--ref-minutes M]
-                            [--skip-kn] [--skip-ref] [--songs 50] [--threads N] [--workdir DIR] [--json FILE]
+    python bench/quality.py CORPUS [--split every|tail10] [--every 20] [--time-limit 10m] [--max-steps N]
+                            [--train-args "--dropout 0.2 ..."] [--ref-minutes M] [--skip-kn] [--skip-ref]
+                            [--songs 50] [--threads N] [--workdir DIR] [--json FILE]
 
 In one run, in a temporary directory: splits CORPUS (every 20th song held out by
 ../shared/bench/split_songs.py, or with --split tail10 the last 10 % of the characters, nanoGPT's
@@ -136,6 +137,9 @@ def main() -> None:
     p.add_argument("--split", choices=["every", "tail10"], default="every", help="every Nth song held out, or the last 10%% of the characters")
     p.add_argument("--every", type=int, default=20, help="with --split every: hold out every Nth song")
     p.add_argument("--time-limit", help="rnngen train --time-limit (e.g. 10m, 20s); default: rnngen's own (10 minutes)")
+    p.add_argument("--max-steps", type=int, help="rnngen train --max-steps (for exploring at an equal number of steps; "
+                   "with no --time-limit the time limit is lifted)")
+    p.add_argument("--train-args", default="", help="more rnngen train options, as one shell-quoted string")
     p.add_argument("--ref-minutes", type=float, help="ref_lstm.py --minutes; default: rnngen's training wall time")
     p.add_argument("--skip-kn", action="store_true", help="skip kn_ngram.py (pure Python: minutes on big corpora)")
     p.add_argument("--skip-ref", action="store_true", help="skip ref_lstm.py")
@@ -165,8 +169,9 @@ def measure(a, work: Path) -> None:
     model = work / "model"
 
     log("training rnngen (progress below)")
-    limit = ["--time-limit", a.time_limit] if a.time_limit else []
-    proc, wall = run([*rnn, "train", str(train), "--out", str(model), *limit, *threads])
+    limit = ["--time-limit", a.time_limit] if a.time_limit else ["--time-limit", "0"] if a.max_steps else []
+    limit += ["--max-steps", str(a.max_steps)] if a.max_steps else []
+    proc, wall = run([*rnn, "train", str(train), "--out", str(model), "--force", *limit, *shlex.split(a.train_args), *threads])
     checked(proc)
     scores = json.loads(checked(run([*rnn, "evaluate", str(val), "--model", str(model), "--json", "--precision", "fp32", *threads])[0])
                         .strip().splitlines()[-1])
@@ -201,7 +206,7 @@ def measure(a, work: Path) -> None:
     bpc = {"KN 5": kn.get("kn5"), f"KN 5 + cache (weight {kn.get('kn5_cache_weight', 'n/a')})": kn.get("kn5_cache"),
            "ref LSTM 2x512 (VAL as one string), best": ref.get("best_bpc"),
            "ref LSTM 2x512 (VAL as one string), final": ref.get("final_bpc"),
-           "rnngen base": scores.get("bits_per_char_base"), "rnngen with song memory": scores.get("bits_per_char")}
+           "rnngen network alone": scores.get("bits_per_char_network"), "rnngen base": scores.get("bits_per_char_base"), "rnngen with song memory": scores.get("bits_per_char")}
     report(a, work, wall, ref, scores, bpc, figures, val_chars, held, length)
 
 
@@ -210,7 +215,10 @@ def report(a, work, wall, ref, scores, bpc, figures, val_chars, held, length) ->
     row("torch / threads / CPU cores", f"{torch.__version__} / {a.threads or torch.get_num_threads()} / {os.cpu_count()}")
     split = f"every {a.every}th song" if a.split == "every" else "last 10% of the characters"
     print(f"corpus {a.corpus}: held out {split}: {len(held)} songs, {val_chars:,} chars")
-    print(f"rnngen train wall time {wall:.1f} s (--time-limit {a.time_limit or 'default'}); "
+    steps = f", --max-steps {a.max_steps}" if a.max_steps else ""
+    extra = f", {a.train_args}" if a.train_args else ""
+    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"rnngen train wall time {wall:.1f} s (--time-limit {a.time_limit or 'default'}{steps}{extra}); "
           + (f"ref_lstm.py --minutes {ref['minutes']:.2f} (wall {ref['wall_s']:.1f} s, {ref.get('steps')} steps)"
              if ref else "ref_lstm.py skipped"))
     print()
@@ -245,7 +253,8 @@ def report(a, work, wall, ref, scores, bpc, figures, val_chars, held, length) ->
     if a.json:
         a.json.write_text(json.dumps({"corpus": a.corpus, "split": split, "held_out_chars": val_chars,
                                       "torch": torch.__version__, "threads": a.threads or torch.get_num_threads(),
-                                      "rnngen_train_wall_s": wall, "ref": ref, "rnngen_evaluate": scores,
+                                      "rnngen_train_wall_s": wall, "load_average": os.getloadavg(),
+                                      "max_steps": a.max_steps, "train_args": a.train_args, "ref": ref, "rnngen_evaluate": scores,
                                       "bits_per_char": bpc, "repetition": figures, "bounds_hold": checks,
                                       "commands": COMMANDS}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 

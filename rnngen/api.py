@@ -198,6 +198,10 @@ def train(
     `model` must be left out, and `training` defaults to TrainConfig.fine_tuning() (a lower peak
     rate, halved when validation stalls, frequent validation, early stopping).
 
+    model and training: a setting left None (ModelConfig's network shape and regularisation,
+    TrainConfig's batch_size, eval_every and ema) is chosen from the corpus size when training
+    starts (config.SIZE_CLASSES), as the command line does; config.json records what was used.
+
     on_progress(kind, info) is called with kind "tokenize" (reading the corpus), "tokenized",
     "start", "step", "eval", "info" (a message) and "done"; info is a dict of figures such as
     step, train_loss and val_bpc."""

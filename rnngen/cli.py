@@ -148,7 +148,9 @@ def _set_threads(threads: int) -> None:
 
 # the options that shape the network: a model started --from another keeps the base's
 NETWORK_OPTIONS = {"rnn_type": "--rnn-type", "layers": "--layers", "hidden_size": "--hidden-size",
-                   "embedding_dim": "--embedding-dim", "dropout": "--dropout", "tie_weights": "--tie-weights"}
+                   "embedding_dim": "--embedding-dim", "dropout": "--dropout", "embedding_dropout": "--embedding-dropout",
+                   "weight_drop": "--weight-drop", "tie_weights": "--tie-weights"}
+BY_SIZE = "[default: chosen from the corpus size]"
 
 
 @app.command()
@@ -166,12 +168,14 @@ def train(
     vocab_size: int = typer.Option(_T.vocab_size, "--vocab-size", help="spm only: number of subword pieces."),
     spm_model_type: SpmType = typer.Option(_T.spm_model_type, "--spm-model-type", help="spm only: the SentencePiece algorithm."),
     rnn_type: Cell = typer.Option(_M.rnn_type, "--rnn-type", "--cell", help="Recurrent cell: lstm, gru or rnn (tanh). Always unidirectional: a bidirectional RNN sees the future and cannot generate left to right."),
-    layers: int = typer.Option(_M.num_layers, "--layers", help="Number of stacked recurrent layers."),
-    hidden_size: int = typer.Option(_M.hidden_size, "--hidden-size", help="Units per recurrent layer."),
-    embedding_dim: int = typer.Option(_M.embedding_dim, "--embedding-dim", help="Size of the token embedding."),
-    dropout: float = typer.Option(_M.dropout, "--dropout", help="Dropout between layers and before the output (0 to disable)."),
-    tie_weights: bool = typer.Option(_M.tie_weights, "--tie-weights", help="Share the embedding and output matrices (needs --embedding-dim equal to --hidden-size)."),
-    batch_size: int = typer.Option(_T.batch_size, "--batch-size", help="Parallel text streams per step."),
+    layers: Optional[int] = typer.Option(None, "--layers", help=f"Number of stacked recurrent layers. {BY_SIZE}", show_default=False),
+    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help=f"Units per recurrent layer. {BY_SIZE}", show_default=False),
+    embedding_dim: Optional[int] = typer.Option(None, "--embedding-dim", help=f"Size of the token embedding (tied: the hidden size). {BY_SIZE}", show_default=False),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help=f"Dropout on the embedding output, between layers and before the output layer (0 to disable). {BY_SIZE}", show_default=False),
+    embedding_dropout: Optional[float] = typer.Option(None, "--embedding-dropout", help=f"Drop whole embedding rows: each token type is blanked for a whole step with this probability (0 to disable). {BY_SIZE}", show_default=False),
+    weight_drop: Optional[float] = typer.Option(None, "--weight-drop", help=f"DropConnect on the recurrent hidden-to-hidden weights while training (AWD-LSTM; 0 to disable). {BY_SIZE}", show_default=False),
+    tie_weights: Optional[bool] = typer.Option(None, "--tie-weights/--no-tie-weights", help=f"Share the embedding and output matrices (needs --embedding-dim equal to --hidden-size). {BY_SIZE}", show_default=False),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Parallel text streams per step. {BY_SIZE}", show_default=False),
     seq_len: int = typer.Option(_T.seq_len, "--seq-len", help="BPTT window: tokens back-propagated through per step (the state carries on beyond it)."),
     lr: float = typer.Option(_T.lr, "--lr", help="Peak learning rate (AdamW)."),
     weight_decay: float = typer.Option(_T.weight_decay, "--weight-decay", help="AdamW weight decay on weight matrices."),
@@ -179,11 +183,12 @@ def train(
     lr_schedule: Schedule = typer.Option(_T.lr_schedule, "--lr-schedule", help="wsd (hold the peak, then a cosine decay over the last 25% of the step/epoch/time budget), cosine (decay over the whole budget), plateau (halve when validation stalls) or constant."),
     grad_clip: float = typer.Option(_T.grad_clip, "--grad-clip", help="Clip the global gradient norm to this."),
     val_fraction: float = typer.Option(_T.val_fraction, "--val-fraction", help="Share of songs held out for validation (0 for none)."),
-    eval_every: int = typer.Option(_T.eval_every, "--eval-every", help="Validate (and checkpoint) every N steps."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help=f"Validate (and checkpoint) every N steps. {BY_SIZE}", show_default=False),
     patience: Optional[int] = typer.Option(None, "--patience", help=f"Stop after N validations without improvement (0: never). [default: {_T.patience}]"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Stop after N passes over the training text."),
     time_limit: Optional[str] = typer.Option(None, "--time-limit", help=f"Stop after this much training time: 600, 90s, 10m, 1h; 0 for none. [default: {_T.time_limit:.0f}s]"),
+    ema: Optional[float] = typer.Option(None, "--ema", help=f"Validate and save a moving average of the weights with this decay per step (0 to disable; 0.99 averages ~100 steps). {BY_SIZE}", show_default=False),
     seed: int = typer.Option(_T.seed, "--seed", help="Random seed: the same seed and settings repeat a run."),
     precision: PrecisionOption = Precision.auto,
     device: DeviceOption = Device.auto,
@@ -202,14 +207,15 @@ def train(
             tokenizer=tokenizer.value, vocab_size=vocab_size, spm_model_type=spm_model_type.value,
             batch_size=batch_size, seq_len=seq_len, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
             lr_schedule=lr_schedule.value, grad_clip=grad_clip, val_fraction=val_fraction, eval_every=eval_every,
-            seed=seed, precision=precision.value,
+            seed=seed, precision=precision.value, ema=ema,
         )
         given = lambda option: ctx.get_parameter_source(option).name != "DEFAULT"  # noqa: E731
         network = None
         if base is None:
             training = TrainConfig(**settings, **budget)
             network = ModelConfig(rnn_type=rnn_type.value, num_layers=layers, hidden_size=hidden_size,
-                                  embedding_dim=embedding_dim, dropout=dropout, tie_weights=tie_weights)
+                                  embedding_dim=embedding_dim, dropout=dropout, embedding_dropout=embedding_dropout,
+                                  weight_drop=weight_drop, tie_weights=tie_weights)  # None: chosen by the corpus size
         else:  # the base's network; the fine-tuning defaults for every setting not given
             shaped = [flag for option, flag in NETWORK_OPTIONS.items() if given(option)]
             if shaped:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from numbers import Integral, Real
 from typing import Any
 
@@ -43,27 +43,54 @@ MAX_TOPIC = 5.0
 
 @dataclass
 class ModelConfig:
+    """The network. A setting left None is chosen from the corpus size when training starts (SIZE_CLASSES)
+    and stored resolved in config.json; a config.json without a later key means what models had before
+    it (OLD_MODEL)."""
+
     vocab_size: int = 0  # set from the tokenizer when training starts
     rnn_type: str = "lstm"  # lstm | gru | rnn (tanh); unidirectional, so it can generate
-    num_layers: int = 2
-    hidden_size: int = 512
-    embedding_dim: int = 128
-    dropout: float = 0.0  # between layers and before the output layer; 0.2-0.3 for long runs on small corpora
-    tie_weights: bool = False  # share embedding and output matrix (needs embedding_dim == hidden_size)
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    embedding_dim: int | None = None  # with tie_weights chosen by size: hidden_size
+    dropout: float | None = None  # on the embedding output, between layers and before the output layer
+    embedding_dropout: float | None = None  # drops whole embedding rows: a token is unknown for a step
+    weight_drop: float | None = None  # DropConnect on the hidden-to-hidden weights (AWD-LSTM)
+    tie_weights: bool | None = None  # share embedding and output matrix (needs embedding_dim == hidden_size)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        return cls(**_known(cls, data))
+        """A saved (resolved) config; keys it lacks take OLD_MODEL's values."""
+        return _saved(cls, data, OLD_MODEL)
+
+    def sized(self, train_tokens: int | None) -> "ModelConfig":
+        """A copy with every None setting chosen for `train_tokens` training tokens (None: a large corpus).
+        Tying is chosen only where the embedding can be as wide as the hidden layer."""
+        if None not in (getattr(self, f.name) for f in fields(self)):
+            return self
+        chosen = choose_by_size(train_tokens)[1]
+        hidden = self.hidden_size if self.hidden_size is not None else chosen["hidden_size"]
+        tie = self.tie_weights
+        if tie is None:
+            tie = chosen["tie_weights"] and self.embedding_dim in (None, hidden)
+        embedding = self.embedding_dim if self.embedding_dim is not None else hidden if tie else chosen["embedding_dim"]
+        filled = {f.name: chosen[f.name] for f in fields(self) if getattr(self, f.name) is None and f.name in chosen}
+        return replace(self, **{**filled, "hidden_size": hidden, "embedding_dim": embedding, "tie_weights": tie})
 
     def validate(self) -> None:
-        """Raise UsageError (naming the train option) for a setting that cannot work."""
+        """Raise UsageError (naming the train option) for a setting that cannot work (None: chosen later)."""
         check_choice("--rnn-type", self.rnn_type, RNN_TYPES)
         check_range("the vocabulary size", self.vocab_size, 1, MAX_VOCAB, integer=True)
-        check_range("--layers", self.num_layers, 1, MAX_LAYERS, integer=True)
-        check_range("--hidden-size", self.hidden_size, 1, MAX_WIDTH, integer=True)
-        check_range("--embedding-dim", self.embedding_dim, 1, MAX_WIDTH, integer=True)
-        check_range("--dropout", self.dropout, 0, 1, below_high=True)
-        if self.tie_weights and self.embedding_dim != self.hidden_size:
+        for flag, value, high in (("--layers", self.num_layers, MAX_LAYERS), ("--hidden-size", self.hidden_size, MAX_WIDTH),
+                                  ("--embedding-dim", self.embedding_dim, MAX_WIDTH)):
+            if value is not None:
+                check_range(flag, value, 1, high, integer=True)
+        for flag, value in (("--dropout", self.dropout), ("--embedding-dropout", self.embedding_dropout),
+                            ("--weight-drop", self.weight_drop)):
+            if value is not None:
+                check_range(flag, value, 0, 1, below_high=True)
+        if self.tie_weights is not None and not isinstance(self.tie_weights, bool):
+            raise UsageError(f"tie_weights must be true or false (got {self.tie_weights!r})")
+        if self.tie_weights and None not in (self.embedding_dim, self.hidden_size) and self.embedding_dim != self.hidden_size:
             raise UsageError(f"--tie-weights needs --embedding-dim equal to --hidden-size "
                              f"({self.embedding_dim} != {self.hidden_size})")
 
@@ -73,7 +100,7 @@ class TrainConfig:
     tokenizer: str = "char"  # char | spm
     vocab_size: int = 4000  # spm only: number of subword pieces
     spm_model_type: str = "bpe"  # spm only: bpe | unigram
-    batch_size: int = 64  # parallel streams per step
+    batch_size: int | None = None  # parallel streams per step; None: by corpus size (fewer: more updates per epoch)
     seq_len: int = 128  # BPTT window in tokens
     lr: float = 2e-3  # peak AdamW learning rate
     weight_decay: float = 0.01
@@ -83,7 +110,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.02  # the decay ends at lr * this
     grad_clip: float = 1.0  # max global gradient norm
     val_fraction: float = 0.1  # share of songs (or of the text) held out
-    eval_every: int = 50  # optimizer steps between validations
+    eval_every: int | None = None  # optimizer steps between validations; None: by corpus size
     val_tokens: int = 100_000  # validation during training reads at most this many tokens
     patience: int = 6  # evaluations without improvement before stopping (0 = never)
     max_steps: int | None = None
@@ -91,10 +118,19 @@ class TrainConfig:
     time_limit: float | None = 600.0  # seconds of training; None = no limit
     seed: int = 1337
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    ema: float | None = None  # decay of the weights' moving average that is validated and saved (0 = off); None: by corpus size
+    size_class: str | None = None  # set when training starts: the SIZE_CLASSES row that chose what was not given
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return cls(**_known(cls, data))
+        """A saved (resolved) config; keys it lacks take OLD_TRAIN's values."""
+        return _saved(cls, data, OLD_TRAIN)
+
+    def sized(self, train_tokens: int | None) -> "TrainConfig":
+        """A copy with every None setting chosen for `train_tokens` training tokens, and size_class set."""
+        name, chosen = choose_by_size(train_tokens)
+        filled = {f.name: chosen[f.name] for f in fields(self) if getattr(self, f.name) is None and f.name in chosen}
+        return replace(self, **filled, size_class=self.size_class or name)
 
     @classmethod
     def fine_tuning(cls, **changes: Any) -> "TrainConfig":
@@ -108,8 +144,9 @@ class TrainConfig:
         check_choice("--spm-model-type", self.spm_model_type, SPM_MODEL_TYPES)
         check_choice("--lr-schedule", self.lr_schedule, LR_SCHEDULES)
         for flag, value, low, high in (("--vocab-size", self.vocab_size, 8, MAX_VOCAB),
-                                       ("--batch-size", self.batch_size, 1, MAX_BATCH), ("--seq-len", self.seq_len, 1, MAX_BATCH),
-                                       ("--warmup-steps", self.warmup_steps, 0, MAX_STEPS), ("--eval-every", self.eval_every, 1, MAX_STEPS),
+                                       ("--batch-size", _or(self.batch_size, 1), 1, MAX_BATCH), ("--seq-len", self.seq_len, 1, MAX_BATCH),
+                                       ("--warmup-steps", self.warmup_steps, 0, MAX_STEPS),
+                                       ("--eval-every", _or(self.eval_every, 1), 1, MAX_STEPS),
                                        ("--patience", self.patience, 0, MAX_STEPS), ("val_tokens", self.val_tokens, 1, 2**40),
                                        ("--seed", self.seed, 0, MAX_SEED)):
             check_range(flag, value, low, high, integer=True)
@@ -126,6 +163,8 @@ class TrainConfig:
             check_range("--epochs", self.epochs, 0, MAX_EPOCHS)
         if self.time_limit is not None:
             check_range("--time-limit in seconds", self.time_limit, 0, MAX_SECONDS)
+        if self.ema is not None:
+            check_range("--ema", self.ema, 0, 1, below_high=True)
 
 
 # A run that starts from a trained model (--from) on a small corpus: the network already knows the
@@ -137,7 +176,39 @@ FINE_TUNING: dict[str, Any] = {
     "lr_schedule": "plateau",  # halved after every second validation without improvement
     "eval_every": 20,  # optimizer steps between validations
     "patience": 6,  # validations without improvement before stopping
+    "batch_size": 64,  # what the settings above were measured with (not the corpus size's choice)
+    "ema": 0.0,
 }
+
+
+# What a corpus of a given size gets for each setting not given: (name, up to this many training tokens,
+# settings). Small corpora (a few hundred songs: muchin1000 is ~370k training tokens) are read 20 times
+# or more in a 10-minute run and memorise within minutes, so they get a narrower network, tied
+# embeddings, AWD-LSTM's regularisers and small batches (more updates per pass); tinyshakespeare
+# (~0.9M) or songci (~1.7M) are read a few times, large ones not even once, and need little or none
+# (measured on muchin1000 and tinyshakespeare, see README).
+SIZE_CLASSES: list[tuple[str, float, dict[str, Any]]] = [
+    ("small", 500_000, {"num_layers": 2, "hidden_size": 384, "embedding_dim": 128, "tie_weights": True,
+                          "dropout": 0.3, "embedding_dropout": 0.1, "weight_drop": 0.3, "ema": 0.0,
+                          "batch_size": 16, "eval_every": 150}),
+    ("medium", 20_000_000, {"num_layers": 2, "hidden_size": 512, "embedding_dim": 128, "tie_weights": False,
+                            "dropout": 0.1, "embedding_dropout": 0.0, "weight_drop": 0.0, "ema": 0.0,
+                            "batch_size": 64, "eval_every": 50}),
+    ("large", math.inf, {"num_layers": 2, "hidden_size": 512, "embedding_dim": 128, "tie_weights": False,
+                         "dropout": 0.0, "embedding_dropout": 0.0, "weight_drop": 0.0, "ema": 0.0,
+                         "batch_size": 64, "eval_every": 50}),
+]
+# what a config.json written before a setting existed means by its absence: the behaviour of then
+OLD_MODEL: dict[str, Any] = {"embedding_dropout": 0.0, "weight_drop": 0.0}
+OLD_TRAIN: dict[str, Any] = {"ema": 0.0}
+
+
+def choose_by_size(train_tokens: int | None) -> tuple[str, dict[str, Any]]:
+    """The SIZE_CLASSES row for a corpus of `train_tokens` training tokens (None: the largest)."""
+    for name, up_to, settings in SIZE_CLASSES:
+        if train_tokens is not None and train_tokens <= up_to:
+            return name, settings
+    return SIZE_CLASSES[-1][0], SIZE_CLASSES[-1][2]
 
 
 def check_range(name: str, value: Any, low: float, high: float, *, integer: bool = False,
@@ -176,9 +247,25 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise UsageError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
 
 
+def _or(value: Any, unset: Any) -> Any:
+    """`value`, or `unset` for None (a setting chosen later, by the corpus size)."""
+    return unset if value is None else value
+
+
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in data.items() if k in names}
+
+
+def _saved(cls: type, data: dict[str, Any], old: dict[str, Any]) -> Any:
+    """cls from a saved config.json section: its known keys; `old`'s value for one it lacks (or holds
+    as null). A setting the corpus size chooses is never None there."""
+    known = {k: v for k, v in _known(cls, data).items() if v is not None or k not in old}
+    config = cls(**{**old, **known})
+    unset = [name for name in SIZE_CLASSES[0][2] if getattr(config, name, 0) is None]
+    if unset:
+        raise ValueError(f"{', '.join(unset)} not set")
+    return config
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -31,8 +31,16 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class RNNLM(nn.Module):
+    """Embedding -> stacked RNN -> linear. The regularisation (all off in eval mode, so a trained model
+    predicts and samples with its plain weights): `dropout` on the embedding output, between layers
+    and before the output layer; `embedding_dropout` drops whole rows of the embedding (every use of
+    a token in the batch at once); `weight_drop` is DropConnect on each layer's hidden-to-hidden
+    matrix, a fresh mask per forward pass (AWD-LSTM's weight drop). A config whose settings are None
+    (chosen from the corpus size when training) gets the settings for a large corpus."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
+        config = config.sized(None)
         if config.tie_weights and config.embedding_dim != config.hidden_size:
             raise ValueError("tie_weights needs embedding_dim == hidden_size")
         self.config = config
@@ -43,6 +51,7 @@ class RNNLM(nn.Module):
             dropout=config.dropout if config.num_layers > 1 else 0.0, **rnn_kwargs,
         )
         self.drop = nn.Dropout(config.dropout)
+        self._recurrent = [f"weight_hh_l{layer}" for layer in range(config.num_layers)]  # weight_drop's targets
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
         if config.tie_weights:
             self.head.weight = self.embedding.weight
@@ -73,8 +82,7 @@ class RNNLM(nn.Module):
         (batch, seq): None, new state, mean cross-entropy. The loss is worked out a slice of
         positions at a time, so (batch x seq x vocab) logits never exist at once."""
         # the recurrent layers run time-major: oneDNN's LSTM measured ~10 % faster that way
-        x = self.drop(self.embedding(ids.t()))  # (seq, batch, embedding)
-        y, state = self.rnn(x, state)
+        y, state = self.recur(self.embed(ids.t()), state)
         y = self.drop(y)
         if targets is None:
             return self.head(y).transpose(0, 1), state, None
@@ -88,8 +96,28 @@ class RNNLM(nn.Module):
     def read(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """ids (batch, seq) -> the logits after the last token (batch, vocab) and the new state: a
         prompt read for sampling, without the output layer at every position."""
-        y, state = self.rnn(self.drop(self.embedding(ids.t())), state)
+        y, state = self.recur(self.embed(ids.t()), state)
         return self.head(self.drop(y[-1])), state
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (seq, batch) -> the recurrent layers' input (seq, batch, embedding), dropped out when training."""
+        p = self.config.embedding_dropout
+        if not (self.training and p):
+            return self.drop(self.embedding(ids))
+        weight = self.embedding.weight  # a whole row dropped: the token is unknown for this batch
+        keep = weight.new_empty(weight.size(0), 1).bernoulli_(1 - p) / (1 - p)
+        return self.drop(F.embedding(ids, weight * keep))
+
+    def recur(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """The recurrent layers: x (seq, batch, embedding) -> (seq, batch, hidden), new state. With
+        weight_drop, when training, each hidden-to-hidden matrix is dropped out for this call; the
+        module keeps its parameters (cuDNN / oneDNN read them as given), the masked copies are passed
+        in for the call alone."""
+        p = self.config.weight_drop
+        if not (self.training and p):
+            return self.rnn(x, state)
+        dropped = {name: F.dropout(getattr(self.rnn, name), p) for name in self._recurrent}
+        return torch.func.functional_call(self.rnn, dropped, (x, state))
 
     # ---- one token at a time, for sampling -------------------------------------------------
     # nn.LSTM called per token pays a large fixed cost per call; one fused matmul per layer is
@@ -251,7 +279,7 @@ def token_nll(model: RNNLM, ids: torch.Tensor, streams: int = 64, seq_len: int =
             y = block[:, start + 1 : start + 1 + seq_len]
             x = x[:, : y.size(1)]
             with amp or nullcontext():
-                hidden, state = model.rnn(model.drop(model.embedding(x.t())), state)  # (seq, batch, hidden)
+                hidden, state = model.recur(model.embed(x.t()), state)  # (seq, batch, hidden)
                 flat, want = hidden.flatten(0, 1), y.t().flatten()
                 starts, step = _chunks(flat.size(0), model.config.vocab_size)
                 nll = torch.cat([F.cross_entropy(model.head(flat[s : s + step]).float(), want[s : s + step],

@@ -256,8 +256,8 @@ def write_config(directory: Path, meta: dict[str, Any]) -> None:
 
 def build_meta(model_config: ModelConfig, train_config: TrainConfig, tokenizer: Tokenizer, corpus: dict) -> dict:
     return {
-        "model": to_dict(model_config),
-        "train": to_dict(train_config),
+        "model": to_dict(model_config.sized(None)),  # resolved: training has sized them already
+        "train": to_dict(train_config.sized(None)),
         "tokenizer": tokenizer.kind,
         "corpus": corpus,
     }

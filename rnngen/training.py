@@ -225,16 +225,21 @@ def _train(corpus, out_dir, model_options, config, resume, base: Base | None, bu
     # 3. the model: a new one is written with its config, copy-check index and n-gram
     if not resume:
         torch.manual_seed(config.seed)
+        asked, config = config, config.sized(len(data.train))  # what was not given, chosen by the corpus size
         if base is not None:
             model, model_config, lineage = _from_base(base, tokenizer, data, emit)
+            emit("info", {"message": _size_choice(len(data.train), None, None, asked, config)})
         else:
             try:
-                model_config = ModelConfig(vocab_size=tokenizer.vocab_size, **model_options)
+                wanted = ModelConfig(vocab_size=tokenizer.vocab_size, **model_options)
+                wanted.validate()
+                model_config = wanted.sized(len(data.train))
                 model_config.validate()
                 model = RNNLM(model_config)
             except ValueError as exc:
                 raise UsageError(f"{exc}; set --embedding-dim to --hidden-size or drop --tie-weights") from None
             model.init_output_bias(torch.from_numpy(data.counts))
+            emit("info", {"message": _size_choice(len(data.train), wanted, model_config, asked, config)})
         if world.main:
             meta = build_meta(model_config, config, tokenizer, corpus_info)
             if base is not None:
@@ -255,6 +260,27 @@ def _train(corpus, out_dir, model_options, config, resume, base: Base | None, bu
     if resume and world.main and not (out_dir / NGRAM_FILE).exists():
         _write_ngram(out_dir, data.train, tokenizer, emit)  # a model from before n-grams: it gets one now
     return run.run()
+
+
+SHOWN = {"num_layers": "layers", "hidden_size": "hidden size", "embedding_dim": "embedding", "tie_weights": "tied",
+         "dropout": "dropout", "embedding_dropout": "embedding dropout", "weight_drop": "weight drop", "ema": "EMA",
+         "batch_size": "batch", "eval_every": "validation every"}
+
+
+def _size_choice(tokens: int, wanted: ModelConfig | None, model: ModelConfig | None, asked: TrainConfig,
+                 config: TrainConfig) -> str:
+    """The training log's line on what the corpus size chose: 'small corpus (412,345 training tokens): layers 2,
+    hidden size 384, ... (given: dropout 0.2)'."""
+    chosen, given = [], []
+    pairs = [(wanted, model)] if model is not None else []
+    for before, after in pairs + [(asked, config)]:
+        for name, label in SHOWN.items():
+            if hasattr(after, name):
+                value = getattr(after, name)
+                (given if getattr(before, name) is not None else chosen).append(f"{label} {value:g}" if isinstance(value, float)
+                                                                                else f"{label} {str(value).lower()}")
+    return (f"{config.size_class} corpus ({tokens:,} training tokens): " + (", ".join(chosen) or "nothing chosen")
+            + (f" (given: {', '.join(given)})" if given else "") + "; see rnngen train --help to set any of them")
 
 
 def _from_base(base: Base, tokenizer: CharTokenizer, data: tokencache.TokenData,
@@ -301,6 +327,7 @@ class _Run:
         self.total_steps = _total_steps(config, self.batches.windows_per_epoch)
         self.step, self.elapsed, self.best, self.bad_evals = 0, 0.0, math.inf, 0
         self.schedule = Schedule(config)
+        self.average = _Average(model, config.ema) if config.ema else None  # validated and saved in the weights' place
         self.hidden = None
         self.saved_step: int | None = None  # the step of the last checkpoint
         self.losses: list[float] = []
@@ -322,6 +349,8 @@ class _Run:
             torch.set_rng_state(saved["rng"])
             if saved.get("scaler"):
                 self.scaler.load_state_dict(saved["scaler"])
+            if self.average is not None:
+                self.average.load(saved.get("ema"))
         except (KeyError, TypeError, RuntimeError, ValueError) as exc:
             raise ModelError(f"cannot resume from {self.out_dir / TRAINER_FILE}: it does not match this model "
                              f"({str(exc).splitlines()[0][:200]})") from None
@@ -391,6 +420,8 @@ class _Run:
             raise self.diverged(f"the loss or its gradient became {loss_value}")
         self.scaler.step(self.opt)  # skipped when fp16 gradients overflowed; the scale then shrinks
         self.scaler.update()
+        if self.average is not None:
+            self.average.update(self.step)
         self.hidden = _detach(hidden)
         self.step += 1
         self.losses.append(loss_value / self.world.size)
@@ -399,7 +430,12 @@ class _Run:
         return bool(stop_now), seconds, x.numel()
 
     def validate(self, chars_per_sec: float) -> dict[str, Any]:
-        """Score the held-out tokens; keep the weights when they are the best so far; log a metrics line."""
+        """Score the held-out tokens (with the weight average, when kept); keep the weights when they are
+        the best so far; log a metrics line."""
+        with self.averaged():
+            return self._validate(chars_per_sec)
+
+    def _validate(self, chars_per_sec: float) -> dict[str, Any]:
         t0 = time.perf_counter()
         world, model = self.world, self.model
         train_loss = sum(self.losses[-20:]) / len(self.losses[-20:])
@@ -441,13 +477,15 @@ class _Run:
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise self.diverged("the weights became nan or inf")
         if not (self.work / WEIGHTS_FILE).exists():  # no validation yet: the latest weights are the best we know
-            save_weights(self.work, model)
+            with self.averaged():
+                save_weights(self.work, model)
         save_trainer_state(self.work, {
             "model": model.state_dict(), "optimizer": self.opt.state_dict(),
             "position": {"epoch": self.batches.pos.epoch, "window": self.batches.pos.window},
             "step": self.step, "elapsed": self.elapsed, "best": self.best, "bad_evals": self.bad_evals,
             "plateau_scale": self.schedule.plateau_scale, "rng": torch.get_rng_state(), "scaler": self.scaler.state_dict(),
             "hidden": gathered,  # (layers, global batch, hidden): the same layout for any number of processes
+            "ema": self.average.shadow if self.average is not None else None,
         })
         if self.work != self.out_dir:  # the first complete save of a fresh run: it replaces what out_dir held
             commit(self.out_dir)
@@ -468,6 +506,10 @@ class _Run:
         if stop_reason != "interrupted" and best_loss is not None:
             self.emit("info", {"message": "fitting song memory on the validation songs"})
             loaded = load_model(out_dir, self.dev)  # the best weights, with the n-gram: read once for both
+            shift = _calibrate_unknown(loaded.model, self.val_ids, loaded.tokenizer, self.amp)
+            if shift:
+                save_weights(out_dir, loaded.model)
+                meta["result"]["unknown_shift"] = round(shift, 3)
             mix, figures = _fit_song_memory(loaded, self.val_ids, self.val_chars_per_token, self.amp)
             meta.pop("song_memory", None)  # the key's old name
             meta["mixture"] = mix.to_dict()
@@ -480,6 +522,10 @@ class _Run:
                            "val_bpc": result.val_bpc})
         return result
 
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """The weights to validate and save: the moving average in the model for the block, when kept."""
+        return self.average.swapped() if self.average is not None else contextlib.nullcontext()
+
     def progress(self) -> float:
         """The share of the step or time budget done (for the schedule and the progress bar)."""
         if self.total_steps:
@@ -490,6 +536,43 @@ class _Run:
         kept = f"the checkpoint of step {self.saved_step} is kept" if self.saved_step is not None else "nothing was saved"
         return Diverged(f"training diverged after step {self.step}: {what}; {kept}. Lower --lr "
                         f"(now {self.config.lr:g}) or --grad-clip and train again")
+
+
+class _Average:
+    """An exponential moving average of the model's weights. Its decay ramps up from 0 as
+    (1 + step) / (10 + step) to `decay`, so the first steps' random weights are soon forgotten."""
+
+    def __init__(self, model: RNNLM, decay: float) -> None:
+        self.decay, self.params = decay, list(model.parameters())  # a tied matrix once
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def load(self, saved: list[torch.Tensor] | None) -> None:
+        if saved is None:  # a run saved without one: the average starts from the weights as they are
+            saved = self.params
+        if len(saved) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(saved, self.shadow)):
+            raise ValueError("the saved weight average does not match the model")
+        for mine, theirs in zip(self.shadow, saved):
+            mine.copy_(theirs)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The average in the model's parameters for the block, the trained weights back after it."""
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in self.params]
+            for p, a in zip(self.params, self.shadow):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, k in zip(self.params, kept):
+                    p.copy_(k)
 
 
 class _Speed:
@@ -564,6 +647,40 @@ def _write_ngram(directory: Path, train_ids: np.ndarray, tokenizer, emit: Progre
         return
     ids = np.concatenate([[tokenizer.eos_id], np.asarray(train_ids, dtype=np.int64)])  # every song starts after an end
     KneserNey.save_ids(directory, ids, tokenizer.vocab_size)
+
+
+@torch.no_grad()
+def _calibrate_unknown(model: RNNLM, val_ids: torch.Tensor, tokenizer, amp, window: int = 512) -> float:
+    """Give the unknown token the probability the validation songs show, and return the shift of its
+    output bias (nats; 0: left as it was). Training text holds no unknown token, so training drives its
+    probability towards 0 and every character the training text lacks costs ~20-25 bits; a few per
+    cent of a small Chinese corpus's held-out characters are such. The shift is the maximum-likelihood
+    one: the predicted unknown tokens then add up to the number seen. Sampling never draws the token."""
+    unk = tokenizer.unk_id
+    targets = val_ids[1:]
+    seen = int((targets == unk).sum())
+    if not seen or unk == tokenizer.eos_id:
+        return 0.0
+    was_training, device = model.training, model.head.bias.device
+    model.eval()
+    probs, state = [], None
+    for start in range(0, targets.numel(), window):  # one stream, the state carried: p(unknown) at every position
+        x = val_ids[start : start + min(window, targets.numel() - start)].unsqueeze(0).to(device)
+        with amp:
+            logits, state, _ = model(x, state)
+        probs.append(logits[0].float().log_softmax(-1)[:, unk].exp().double().cpu())
+    model.train(was_training)
+    p = torch.cat(probs).clamp(1e-300, 1 - 1e-12).numpy()
+    expected = lambda shift: float((p * math.exp(shift) / (1 - p + p * math.exp(shift))).sum())  # noqa: E731
+    low, high = -20.0, 40.0
+    if expected(high) < seen:
+        return 0.0
+    for _ in range(60):  # expected() rises with the shift: bisect for expected == seen
+        mid = (low + high) / 2
+        low, high = (mid, high) if expected(mid) < seen else (low, mid)
+    shift = (low + high) / 2
+    model.head.bias[unk] += shift
+    return shift
 
 
 HELDOUT_TOKENS = 2_000_000  # the final held-out figure reads at most this many validation tokens

@@ -209,7 +209,7 @@ def test_impossible_sample_options(runner, trained_dir, args, words):
 
 @pytest.mark.parametrize("args,words", [
     (["--layers", "0"], ["--layers"]), (["--dropout", "1.5"], ["--dropout"]), (["--rnn-type", "transformer"], ["--rnn-type"]),
-    (["--tie-weights"], ["--tie-weights"]), (["--time-limit", "soon"], ["--time-limit"]),
+    (["--tie-weights", "--embedding-dim", "64", "--hidden-size", "128"], ["--tie-weights"]), (["--time-limit", "soon"], ["--time-limit"]),
     (["--tokenizer", "bpe"], ["--tokenizer"]), (["--lr", "nan"], ["--lr"]), (["--epochs", "nan"], ["--epochs"]),
     (["--weight-decay", "-1"], ["--weight-decay"]),
 ])
