@@ -2,6 +2,7 @@
 
     python bench/bench.py [--corpus TEXT] [--ref PATH/TO/ref_lstm.py] [--repeats 3] [--steps 6] [--device cuda]
     python bench/bench.py --only song-memory --threads 1 --repeats 7   # the song memory ratios alone, a minute
+    python bench/bench.py --only start-up                              # cold start and load times alone
 
 Measures, on this machine and in this run: the fp32 and bf16 matmul peak; rnngen's training
 throughput (chars/s and model-FLOPs utilisation) for the default model and for the 2x512
@@ -191,6 +192,14 @@ def start_up(repeats: int) -> tuple[float, float, float]:
     return torch_s, sample_s, load_s
 
 
+def start_up_rows(row) -> None:
+    torch_s, sample_s, load_s = start_up(5)
+    row("python -c 'import torch' (median of 5)", f"{torch_s:.2f} s")
+    row("rnngen sample --model songci --length 1, cold (median of 5)", f"{sample_s:.2f} s")
+    row("  of which beyond importing torch", f"{sample_s - torch_s:.2f} s")
+    row("rnngen.load('songci') after torch is imported (median of 5)", f"{load_s:.2f} s")
+
+
 def ref_run(ref: Path, corpus: str, mode: str, extra: list[str]) -> dict:
     out = subprocess.run([sys.executable, str(ref), "--data", corpus, "--mode", mode, *extra],
                          capture_output=True, text=True, check=True).stdout
@@ -206,7 +215,8 @@ def main() -> None:
     p.add_argument("--sample-length", type=int, default=500)
     p.add_argument("--device", default="cpu", help="cpu or cuda (model FLOPs utilisation is then of the GPU's peak)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--only", choices=["song-memory"], help="run one part: song-memory (its speeds and ratios)")
+    p.add_argument("--only", choices=["song-memory", "start-up"],
+                   help="run one part: song-memory (its speeds and ratios) or start-up (cold sample and load times)")
     a = p.parse_args()
     dev = torch.device(a.device)
     if a.threads:
@@ -214,6 +224,9 @@ def main() -> None:
     row = lambda k, v: print(f"{k:<58} {v}", flush=True)
     if a.only == "song-memory":
         song_memory_rows(a.repeats, row)
+        return
+    if a.only == "start-up":
+        start_up_rows(row)
         return
 
     if not Path(a.corpus).is_file():
@@ -264,11 +277,7 @@ def main() -> None:
     row("ratio: --max-copy 8 / unconstrained", f"{guarded / free:.2f}x")
     song_memory_rows(a.repeats, row)
     if dev.type == "cpu":
-        torch_s, sample_s, load_s = start_up(5)
-        row("python -c 'import torch' (median of 5)", f"{torch_s:.2f} s")
-        row("rnngen sample --model songci --length 1, cold (median of 5)", f"{sample_s:.2f} s")
-        row("  of which beyond importing torch", f"{sample_s - torch_s:.2f} s")
-        row("rnngen.load('songci') after torch is imported (median of 5)", f"{load_s:.2f} s")
+        start_up_rows(row)
     if ref_cps:
         row("ratio: train 2x512 rnngen / ref", f"{results['2x512'] / ref_cps:.2f}x")
         row("ratio: sample one stream rnngen / ref", f"{one / ref_sample:.2f}x")

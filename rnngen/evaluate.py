@@ -95,4 +95,5 @@ def evaluate_validation(loaded: LoadedModel, dtype: torch.dtype = torch.float32,
     _, val = train_val_split(corpus.text, cfg.val_fraction, cfg.seed)
     if not val:
         raise CorpusError(f"{loaded.directory} was trained without a validation split; pass text to evaluate")
-    return evaluate_songs(loaded, val, f"validation split of {describe_sources(sources)}", dtype, song_memory)
+    return evaluate_songs(loaded.for_validation(), val, f"validation split of {describe_sources(sources)}", dtype,
+                          song_memory)

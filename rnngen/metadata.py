@@ -40,6 +40,8 @@ RESULT_KEYS: dict[str, tuple[type, ...]] = {
     "val_bpc_network": NUMBER,
     "heldout": (dict,),  # what `rnngen evaluate` gives on the whole validation split (HELDOUT_KEYS)
     "train_seconds": NUMBER,
+    "unknown_shift": NUMBER,  # nats added to the unknown token's output bias (training._calibrate_unknown)
+    "ngram_songs": (str,),  # "training and validation": the n-gram was rebuilt with the validation songs
     "finished": (str,),
 }
 HELDOUT_KEYS = ("bits_per_char", "bits_per_char_base", "bits_per_char_network", "tokens", "characters")

@@ -56,6 +56,13 @@ class LoadedModel:
         """The n-gram the network is mixed with, counted on first use (about a second per 2 M tokens)."""
         return KneserNey.load(self.directory, self.tokenizer.vocab_size)
 
+    def for_validation(self) -> "LoadedModel":
+        """This model with the n-gram of its training songs alone, to score its own validation songs
+        (training ends by adding them to the n-gram it samples with)."""
+        held = LoadedModel(self.model, self.tokenizer, self.directory, self.meta)
+        held.ngram = KneserNey.load(self.directory, self.tokenizer.vocab_size, training_only=True)
+        return held
+
 
 @contextmanager
 def locked(directory: Path) -> Iterator[None]:

@@ -84,19 +84,25 @@ class KneserNey:
     # ---- the model directory's copy: the ids it is counted from ---------------------------------
 
     @staticmethod
-    def save_ids(directory: Path, ids: np.ndarray, vocab_size: int, order: int = ORDER) -> None:
-        """Keep the training ids an n-gram of this order is counted from (nothing is counted now)."""
+    def save_ids(directory: Path, ids: np.ndarray, vocab_size: int, order: int = ORDER,
+                 training: int | None = None) -> None:
+        """Keep the ids an n-gram of this order is counted from (nothing is counted now). `training`:
+        the ids are the training songs' first ids and then the validation songs'; the first `training`
+        of them are what load(training_only=True) counts."""
         from safetensors.torch import save
 
         dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
         packed = lzma.compress(np.asarray(ids).astype(dtype).tobytes(), preset=6)
         tensors = {"ids_xz": torch.frombuffer(bytearray(packed), dtype=torch.uint8)}
         meta = {"order": str(order), "vocab_size": str(vocab_size), "dtype": np.dtype(dtype).name}
+        if training is not None and training < len(ids):
+            meta["training_ids"] = str(training)
         atomic_write(directory / NGRAM_FILE, save(tensors, metadata=meta))
 
     @classmethod
-    def load(cls, directory: Path, vocab_size: int) -> "KneserNey | None":
-        """The model's n-gram, or None when it has none."""
+    def load(cls, directory: Path, vocab_size: int, training_only: bool = False) -> "KneserNey | None":
+        """The model's n-gram, or None when it has none. training_only: counted from the training songs
+        alone, without the validation songs added when training ended (to score those songs)."""
         from safetensors import SafetensorError, safe_open
 
         path = directory / NGRAM_FILE
@@ -106,17 +112,19 @@ class KneserNey:
             key = hashlib.sha256(path.read_bytes()).hexdigest()[:32]
         except OSError as exc:
             raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
-        cached = _cached_levels(key, vocab_size)
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
                 packed = f.get_tensor("ids_xz").numpy().tobytes()
             ids = np.frombuffer(lzma.decompress(packed), dtype=np.dtype(meta["dtype"]))
             order = int(meta["order"])
+            if training_only and "training_ids" in meta:
+                ids, key = ids[: int(meta["training_ids"])], key + "-training"
         except (SafetensorError, OSError, KeyError, ValueError, TypeError, lzma.LZMAError) as exc:
             raise ModelError(f"{path} is damaged ({exc})") from None
         if int(meta.get("vocab_size", -1)) != vocab_size or not 1 <= order <= 8 or (len(ids) and ids.max() >= vocab_size):
             raise ModelError(f"{path} does not match this model's vocabulary; the directory mixes files")
+        cached = _cached_levels(key, vocab_size)
         if cached is not None and len(cached) == min(order, len(ids)):
             return cls(ids, vocab_size, order, cached)
         model = cls(ids, vocab_size, order)

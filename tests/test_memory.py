@@ -201,6 +201,35 @@ def test_a_model_from_before_song_memory_gets_it_when_resumed(runner, tmp_path):
     assert resumed.mixture is not None and resumed.ngram is not None
 
 
+def test_the_finished_ngram_knows_the_validation_songs_and_a_resumed_run_refits_without_them(runner, tmp_path):
+    corpus = tmp_path / "songs.txt"
+    corpus.write_text("\n\n".join(chorus_songs(40, 2)) + "\n", encoding="utf-8")
+    out = tmp_path / "m"
+    assert runner.invoke(app, ["train", str(corpus), "--out", str(out), *TINY_FLAGS, "--max-steps", "5"]).exit_code == 0
+    meta = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    loaded = load_model(out)
+    split = _split(out)
+    # every training and validation token (each song ended by eos), after one leading eos
+    assert meta["result"]["ngram_songs"] == "training and validation" and split["val_tokens"] > 0
+    assert len(loaded.ngram.ids) == 1 + split["train_tokens"] + split["val_tokens"]
+
+    # resumed: the weights are fitted and the figures measured again with the training songs' n-gram
+    # (else the validation songs would be in the n-gram that is fitted on them, and it would look perfect)
+    changed = {**meta, "result": {**meta["result"], "heldout": {**meta["result"]["heldout"], "bits_per_char": 0.5}}}
+    (out / "config.json").write_text(json.dumps(changed), encoding="utf-8")  # so a refit shows
+    result = runner.invoke(app, ["train", str(corpus), "--out", str(out), "--resume", "--max-steps", "5", "-q"])
+    assert result.exit_code == 0, result.stderr
+    again = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert again["mixture"] == meta["mixture"] and again["result"]["heldout"] == meta["result"]["heldout"]
+    assert len(load_model(out).ngram.ids) == len(loaded.ngram.ids)
+
+
+def _split(out) -> dict:
+    """The run's token cache's record of its split (train_tokens, val_tokens)."""
+    (record,) = (out / "tokens").glob("*.json")
+    return json.loads(record.read_text(encoding="utf-8"))
+
+
 def test_a_forked_song_cache_matches_as_one_fed_everything():
     """Streams of one prompt fork one cache fed the prompt once: each fork then behaves exactly as a
     cache fed the prompt itself, and the forks do not see each other's tokens."""
