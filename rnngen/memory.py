@@ -167,6 +167,15 @@ class Mixture:
         """The base weights with a zero cache part: (ngram_order, 3), as `full` lays them out."""
         return np.concatenate([self.base, np.zeros((len(self.base), 1))], 1)
 
+    def padded(self, orders: int) -> "Mixture":
+        """At least `orders` n-gram orders: a longer match than the fit saw gets the longest one's weights
+        (an n-gram counted from more text, after the fit, may match longer contexts)."""
+        extra = orders - len(self.full)
+        if extra <= 0:
+            return self
+        return Mixture(np.concatenate([self.full, np.repeat(self.full[-1:], extra, 0)]),
+                       np.concatenate([self.base, np.repeat(self.base[-1:], extra, 0)]))
+
     def to_dict(self) -> dict[str, Any]:
         return {"cache_order": self.full.shape[1] - 1, "full": np.round(self.full, 6).tolist(),
                 "base": np.round(self.base, 6).tolist()}

@@ -32,7 +32,7 @@ from rnngen.errors import CorpusError, Diverged, ModelError, UsageError
 from rnngen.files import append_line, atomic_write
 from rnngen.layout import CONFIG_FILE, INDEX_FILE, METRICS_FILE, NGRAM_FILE, STAGING_DIR, TRAINER_FILE, WEIGHTS_FILE
 from rnngen.model import RNNLM, sum_nll
-from rnngen.ngram import MAX_TOKENS as MAX_NGRAM_TOKENS, KneserNey
+from rnngen.ngram import MAX_TOKENS as MAX_NGRAM_TOKENS, ORDER as NGRAM_ORDER, KneserNey
 from rnngen.novelty import MAX_INDEX_CHARS, CorpusIndex
 from rnngen.sampling import Sampler, make_request
 from rnngen.tokenizer import CharTokenizer, load_tokenizer
@@ -524,6 +524,7 @@ class _Run:
                 # which tenth was drawn for validation); the figures above stay those measured before
                 _write_ngram(out_dir, self.train_ids, self.tokenizer, self.emit, validation=self.val_all)
                 meta["result"]["ngram_songs"] = "training and validation"
+                meta["mixture"] = mix.padded(NGRAM_ORDER).to_dict()
         write_config(out_dir, meta)
         result = TrainResult(out_dir, step, stop_reason, best_loss, best_bpc, meta["result"].get("val_bpc"),
                              meta["result"].get("val_bpc_base"), meta["result"].get("heldout"))
