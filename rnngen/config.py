@@ -102,7 +102,7 @@ class TrainConfig:
     spm_model_type: str = "bpe"  # spm only: bpe | unigram
     batch_size: int | None = None  # parallel streams per step; None: by corpus size (fewer: more updates per epoch)
     seq_len: int = 128  # BPTT window in tokens
-    lr: float = 2e-3  # peak AdamW learning rate
+    lr: float = 3e-3  # peak AdamW learning rate (tinyshakespeare, 10 minutes: 1.398 nats/char against 1.405 with 2e-3)
     weight_decay: float = 0.01
     warmup_steps: int = 10
     lr_schedule: str = "wsd"  # wsd (hold, then cosine over the last part) | cosine | plateau | constant

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="this torch build has no gloo backend")
 
 FLAGS = ["--max-steps", "6", "--hidden-size", "24", "--embedding-dim", "16", "--batch-size", "4", "--seq-len", "16",
-         "--eval-every", "3", "--warmup-steps", "2", "--threads", "1", "--lr-schedule", "constant", "-q",
+         "--eval-every", "3", "--warmup-steps", "2", "--threads", "1", "--lr-schedule", "constant", "--lr", "2e-3", "-q",
          # no random masks: two processes draw theirs from other generators than one does
          "--dropout", "0", "--embedding-dropout", "0", "--weight-drop", "0"]
 
