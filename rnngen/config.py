@@ -73,8 +73,7 @@ class ModelConfig:
         if tie is None:
             tie = chosen["tie_weights"] and self.embedding_dim in (None, hidden)
         embedding = self.embedding_dim if self.embedding_dim is not None else hidden if tie else chosen["embedding_dim"]
-        filled = {f.name: chosen[f.name] for f in fields(self) if getattr(self, f.name) is None and f.name in chosen}
-        return replace(self, **{**filled, "hidden_size": hidden, "embedding_dim": embedding, "tie_weights": tie})
+        return replace(self, **{**_unset(self, chosen), "hidden_size": hidden, "embedding_dim": embedding, "tie_weights": tie})
 
     def validate(self) -> None:
         """Raise UsageError (naming the train option) for a setting that cannot work (None: chosen later)."""
@@ -129,8 +128,7 @@ class TrainConfig:
     def sized(self, train_tokens: int | None) -> "TrainConfig":
         """A copy with every None setting chosen for `train_tokens` training tokens, and size_class set."""
         name, chosen = choose_by_size(train_tokens)
-        filled = {f.name: chosen[f.name] for f in fields(self) if getattr(self, f.name) is None and f.name in chosen}
-        return replace(self, **filled, size_class=self.size_class or name)
+        return replace(self, **_unset(self, chosen), size_class=self.size_class or name)
 
     @classmethod
     def fine_tuning(cls, **changes: Any) -> "TrainConfig":
@@ -245,6 +243,11 @@ def check_text(name: str, text: str, field: str | None = None) -> str:
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UsageError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+
+
+def _unset(config: Any, chosen: dict[str, Any]) -> dict[str, Any]:
+    """`chosen`'s value for each of config's settings left None."""
+    return {f.name: chosen[f.name] for f in fields(config) if getattr(config, f.name) is None and f.name in chosen}
 
 
 def _or(value: Any, unset: Any) -> Any:
