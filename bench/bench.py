@@ -244,12 +244,13 @@ def main() -> None:
     row(f"matmul peak bf16, {n16}^2 (GFLOPS)", f"{peak16:.1f}")
     best_peak = max(peak32, peak16)
 
-    default = ModelConfig(vocab_size=vocab)
-    reference = ModelConfig(vocab_size=vocab, hidden_size=512, embedding_dim=128, num_layers=2, dropout=0.0)
+    tokens = round(len(text) * 0.9)  # what training would learn from, the validation songs aside
+    default = ModelConfig(vocab_size=vocab).sized(tokens)  # what rnngen train chooses for this corpus
+    reference = ModelConfig(vocab_size=vocab, hidden_size=512, embedding_dim=128, num_layers=2, dropout=0.0).sized(None)
     results = {}
     shapes = [("2x512", reference)] if default == reference else [("default", default), ("2x512", reference)]
     for name, cfg in shapes:
-        tcfg = TrainConfig(batch_size=64, seq_len=128) if name == "2x512" else TrainConfig()
+        tcfg = TrainConfig(batch_size=64, seq_len=128).sized(None) if name == "2x512" else TrainConfig().sized(tokens)
         if name == "2x512" and len(shapes) == 1:
             name = "2x512 (= the default model)"
         cps = train_throughput(cfg, tcfg, a.steps, a.repeats, dev)

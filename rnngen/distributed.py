@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rnngen.errors import UsageError
+
 
 @dataclass
 class World:
@@ -60,6 +62,11 @@ def join(device: torch.device) -> tuple[World, torch.device]:
         return World(), device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:  # NCCL needs a GPU of its own for each process
+            raise UsageError(f"torchrun started {int(os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1))} processes on "
+                             f"this machine but it has {gpus} GPU(s): give --nproc-per-node {gpus} (one process per "
+                             f"GPU), or --device cpu to train on the CPU")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

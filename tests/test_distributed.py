@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 FLAGS = ["--max-steps", "6", "--hidden-size", "24", "--embedding-dim", "16", "--batch-size", "4", "--seq-len", "16",
          "--eval-every", "3", "--warmup-steps", "2", "--threads", "1", "--lr-schedule", "constant", "--lr", "2e-3", "-q",
+         "--device", "cpu",  # gloo, also on a machine with fewer GPUs than processes
          # no random masks: two processes draw theirs from other generators than one does
          "--dropout", "0", "--embedding-dropout", "0", "--weight-drop", "0"]
 
@@ -51,7 +52,19 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
     resumed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "rnngen",
-         "train", str(corpus), "--out", str(tmp_path / "two"), "--resume", "--max-steps", "8", "-q"],
+         "train", str(corpus), "--out", str(tmp_path / "two"), "--resume", "--max-steps", "8", "-q", "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(tmp_path / "two" / "trainer.pt", weights_only=True)["step"] == 8
+
+
+def test_more_processes_than_gpus_is_refused_with_what_to_do(monkeypatch):
+    from rnngen.distributed import join
+    from rnngen.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UsageError, match=r"2 processes .* 1 GPU\(s\): give --nproc-per-node 1 .* or --device cpu"):
+        join(torch.device("cuda"))
