@@ -187,7 +187,7 @@ FINE_TUNING: dict[str, Any] = {
 # (measured on muchin1000 and tinyshakespeare, see README).
 SIZE_CLASSES: list[tuple[str, float, dict[str, Any]]] = [
     ("small", 500_000, {"num_layers": 2, "hidden_size": 384, "embedding_dim": 128, "tie_weights": True,
-                          "dropout": 0.3, "embedding_dropout": 0.1, "weight_drop": 0.3, "ema": 0.0,
+                          "dropout": 0.4, "embedding_dropout": 0.1, "weight_drop": 0.5, "ema": 0.0,
                           "batch_size": 16, "eval_every": 150}),
     ("medium", 20_000_000, {"num_layers": 2, "hidden_size": 512, "embedding_dim": 128, "tie_weights": False,
                             "dropout": 0.1, "embedding_dropout": 0.0, "weight_drop": 0.0, "ema": 0.0,
