@@ -30,7 +30,8 @@ fi
 for precision in fp32 bf16; do
   check "train $precision" python -m rnngen train "$corpus" --out "$tmp/$precision" --device cuda \
     --precision "$precision" --max-steps 300 --eval-every 100 -q
-  python -c "import json,sys; r=json.load(open(sys.argv[1]))['result']; print(sys.argv[2], 'best val bits/char', r['best_val_bpc'], 'after', r['steps'], 'steps,', r['train_seconds'], 's')" "$tmp/$precision/config.json" "$precision"
+  [ -f "$tmp/$precision/config.json" ] &&  # not after a failed run: its failure is already named
+    python -c "import json,sys; r=json.load(open(sys.argv[1]))['result']; print(sys.argv[2], 'best val bits/char', r['best_val_bpc'], 'after', r['steps'], 'steps,', r['train_seconds'], 's')" "$tmp/$precision/config.json" "$precision"
 done
 check "sample cpu" python -m rnngen sample --model "$tmp/bf16" --device cpu --seed 我 --length 60 --random-seed 3
 check "sample cuda" python -m rnngen sample --model "$tmp/bf16" --device cuda --seed 我 --length 60 --random-seed 3
