@@ -25,6 +25,7 @@ import torch
 CACHE_ORDER = 8  # the longest context the cache matches in the song so far
 PRIOR = 20.0  # pseudo-positions pulling a rarely seen bucket's weights towards the overall fit
 COPY_BUDGET = 3  # while sampling, a passage of the song can be sung again this many times
+STUTTER = 4  # while sampling, a unit of up to this many tokens sung twice within a line is not offered again
 
 
 class SongCache:
@@ -136,16 +137,22 @@ class SongCache:
         """The tokens that would sing a third copy, back to back, of a passage just sung twice: for
         each period d where the song's last 2d tokens are two copies of d tokens holding a line break
         (a passage of lines, begun anywhere in its cycle), the token d back. Such a d is the distance
-        from the last line break to an earlier one, so only those are tried. Only the cache's offer
-        is withheld: the network may still sing it."""
+        from the last line break to an earlier one, so only those are tried. Within the line, a unit
+        of up to STUTTER tokens sung twice (慢慢, 不想不想) is not offered a third time either: the
+        cache, which saw the unit follow itself, would otherwise sing 慢慢慢慢慢慢. Only the cache's
+        offer is withheld: the network may still sing it (啦啦啦)."""
         h, t, starts = self.history, len(self.history), self.lines
         last = starts[-1] - 1  # the song's last line break (-1: none yet)
         # the earlier line breaks at most t/2 tokens before it: d = starts[-1] - start of the line after
         first = bisect_left(starts, last + 1 - t // 2, 1, max(len(starts) - 1, 1))
         # the two breaks match by construction: first (cheap) the last tokens and the first ones
-        return {h[t - d] for d in [starts[-1] - start for start in starts[first:-1]]
-                if h[t - 1] == h[t - 1 - d] and h[t - d] == h[t - 2 * d] and d >= t - last
-                and h[t - 2 * d : t - d] == h[t - d :]}
+        looping = {h[t - d] for d in [starts[-1] - start for start in starts[first:-1]]
+                   if h[t - 1] == h[t - 1 - d] and h[t - d] == h[t - 2 * d] and d >= t - last
+                   and h[t - 2 * d : t - d] == h[t - d :]}
+        for d in range(1, min(STUTTER, (t - starts[-1]) // 2) + 1):  # both copies within the line
+            if h[t - 1] == h[t - 1 - d] and h[t - 2 * d : t - d] == h[t - d :]:
+                looping.add(h[t - d])
+        return looping
 
     def counts(self, places: list[int]) -> dict[int, int]:
         """How often each token followed, at these positions."""
@@ -322,40 +329,35 @@ def contexts(ngram, songs: list[SongState]) -> list[list[int]]:
 
 
 def mix(mixture: Mixture, ngram, logits: torch.Tensor, songs: list[SongState]) -> torch.Tensor:
-    """The network's logits (batch, vocab) -> the log-probabilities of the mixture (batch, vocab):
+    """The network's logits (batch, vocab) -> the probabilities of the mixture (batch, vocab), float32:
     row b mixes the network with the n-gram and song memory of songs[b]. The songs are only read
     (pick() pushes each chosen token afterwards; each keeps its n-gram context for the next step).
-    All rows at once: the n-gram's distributions come as a few weights per row and sparse entries
-    (KneserNey.terms), the song caches' offers as sparse entries, and the dense work is a handful of
+    All rows at once: the n-gram's distributions come as a weight per row and sparse entries
+    (KneserNey.terms), the song caches' offers as sparse entries, and the dense work is three
     (batch, vocab) steps, each rounded on its own, so a row's numbers never depend on the other rows."""
     rows, vocab = logits.shape
     out = torch.softmax(logits.float(), -1)  # float32: sampling needs no more (evaluation mixes in float64)
     table = np.array(contexts(ngram, songs), dtype=np.int64).reshape(rows, -1) if ngram is not None else None
     order = (table >= 0).sum(1) if table is not None else np.ones(rows, dtype=np.int64)  # the orders seen
-    k = np.zeros(rows, dtype=np.int64)
-    memory = np.zeros(rows, dtype=bool)
+    k, memory = [0] * rows, [False] * rows
     cache_index, cache_shares = [], []
     for b, song in enumerate(songs):
-        if not song.memory:
-            continue
-        memory[b] = True
-        k[b], places = song.cache.match()
-        if places:
-            for token, count in song.cache.counts(places).items():
-                cache_index.append(b * vocab + token)
-                cache_shares.append(count / len(places))
-    w = np.where(memory[:, None], mixture.full[order - 1, k], mixture.base3[order - 1])  # (rows, 3)
+        if song.memory:
+            memory[b] = True
+            k[b], places = song.cache.match()
+            if places:
+                for token, count in song.cache.counts(places).items():
+                    cache_index.append(b * vocab + token)
+                    cache_shares.append(count / len(places))
+    w = np.where(np.array(memory)[:, None], mixture.full[order - 1, k], mixture.base3[order - 1])  # (rows, 3)
+    column = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float32)).unsqueeze(1)  # noqa: E731
+    out.mul_(column(w[:, 0]))
     if table is None:
-        dense = np.stack([w[:, 0], np.zeros(rows), w[:, 1] / vocab], 1)
-        unigram, parts = torch.zeros(vocab), []
+        out.add_(column(w[:, 1] / vocab))  # the uniform distribution
+        parts = []
     else:
-        terms = ngram.terms(table, w[:, 1])
-        dense = np.stack([w[:, 0], terms.unigram_weight, terms.uniform], 1)
-        unigram, parts = torch.from_numpy(terms.unigram), terms.entries
-    coef = torch.from_numpy(dense.astype(np.float32))
-    out *= coef[:, :1]
-    out += coef[:, 1:2] * unigram
-    out += coef[:, 2:]
+        parts, unigram_weight = ngram.terms(table, w[:, 1])
+        out.addcmul_(column(unigram_weight), torch.from_numpy(ngram.unigram_distribution32))
     # each n-gram order's entries, then the cache's, added one part at a time: a part holds a token
     # once per row, so every element's sum runs in the same order whatever the other rows are
     if cache_index:
@@ -364,7 +366,7 @@ def mix(mixture: Mixture, ngram, logits: torch.Tensor, songs: list[SongState]) -
     flat = out.view(-1)
     for index, value in parts:
         flat.index_add_(0, torch.from_numpy(index), torch.from_numpy(value))
-    return out.clamp_min_(1e-30).log_().to(logits.device)
+    return out.to(logits.device)
 
 
 def mix_rows(mixture: Mixture, ngram, logits: torch.Tensor, songs: list[SongState]) -> torch.Tensor:
@@ -386,5 +388,4 @@ def mix_rows(mixture: Mixture, ngram, logits: torch.Tensor, songs: list[SongStat
         if places:
             seen = song.cache.counts(places)
             row[list(seen)] += w[2] * np.fromiter(seen.values(), dtype=np.float64) / len(places)
-    np.maximum(out, 1e-300, out=out)
-    return torch.from_numpy(np.log(out, out=out)).to(logits.device, torch.float32)
+    return torch.from_numpy(out).to(logits.device, torch.float32)

@@ -203,12 +203,13 @@ class KneserNey:
             out[:, m] = np.where(hit & (before >= 0), i, -1)
         return out.tolist()
 
-    def terms(self, contexts: np.ndarray, weight: np.ndarray) -> "Terms":
+    def terms(self, contexts: np.ndarray, weight: np.ndarray) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
         """`weight` (rows,) times the next token's distribution at each row's contexts (rows, order)
-        (context(), advance()), as a few numbers per row and the sparse entries of the orders above
-        the unigram (a dense (rows, V) table would be mostly copies of the unigram):
-        p[b] = uniform[b] + unigram_weight[b] * unigram + entries of row b (at b * V + token).
-        One numpy pass per order over all rows; equal to weight * distribution() up to float rounding."""
+        (context(), advance()), in parts: the sparse entries of each order above the unigram, highest
+        first (flat index b * V + token, float32 value; a token once per row), and each row's weight
+        of unigram_distribution, which holds the rest (a dense (rows, V) table would be mostly copies
+        of it). One numpy pass per order over all rows; equal to weight * distribution() up to float
+        rounding."""
         V, rows = self.vocab_size, len(contexts)
         above = np.ones(rows)  # the back-offs of the orders above, from the top order down
         entries = []  # per order above the unigram, highest first: (flat index b * V + token, value)
@@ -236,16 +237,7 @@ class KneserNey:
                 value = np.multiply(level.prob[at], np.repeat(scale, counts), out=np.empty(len(at), np.float32))
             entries.append((index, value))
             above[live] *= level.backoff[c]
-        return Terms(uniform=weight * (above * self.levels[0].backoff[0]) / V, unigram_weight=weight * above,
-                     unigram=self._unigram, entries=entries)
-
-    @cached_property
-    def _unigram(self) -> np.ndarray:
-        """The unigram level's discounted shares as a (V,) float32 vector (its one context is the empty one)."""
-        level = self.levels[0]
-        dense = np.zeros(self.vocab_size, dtype=np.float32)
-        dense[np.asarray(level.keys[level.first[0]:level.first[1]])] = level.prob[level.first[0]:level.first[1]]
-        return dense
+        return entries, weight * above
 
     @cached_property
     def unigram_distribution(self) -> np.ndarray:
@@ -254,6 +246,11 @@ class KneserNey:
         p = np.full(V, 1.0 / V) * level.backoff[0]
         p[level.keys[level.first[0]:level.first[1]]] += level.prob[level.first[0]:level.first[1]]
         return p
+
+    @cached_property
+    def unigram_distribution32(self) -> np.ndarray:
+        """unigram_distribution in float32 (what sampling mixes in)."""
+        return self.unigram_distribution.astype(np.float32)
 
     def add_distribution(self, row: np.ndarray, context: list[int], weight: float) -> None:
         """row (V,) float64 += weight * the next token's distribution at `context` (context()): each
@@ -276,16 +273,6 @@ class KneserNey:
         p = np.zeros(self.vocab_size)
         self.add_distribution(p, context, 1.0)
         return p, sum(c >= 0 for c in context)
-
-
-@dataclass
-class Terms:
-    """KneserNey.terms(): rows of next-token distributions in parts (see there)."""
-
-    uniform: np.ndarray  # (rows,) the share of every token (the uniform distribution's weight / V)
-    unigram_weight: np.ndarray  # (rows,) weight of `unigram`
-    unigram: np.ndarray  # (V,) the unigram level's shares, float32 (what mix adds them in)
-    entries: list[tuple[np.ndarray, np.ndarray]]  # per higher order: flat indices b * V + token, float32 values (a token once per row)
 
 
 def cache_dir() -> Path:

@@ -501,7 +501,7 @@ class Sampler:
         before the rules and the temperature (what candidates are scored by)."""
         if self.mixture is not None:  # exact: the batched mix, whose rows never depend on each other
             mixing = mix if self.exact or len(streams) > 2 else mix_rows
-            logits = mixing(self.mixture, self.ngram, logits, [s.song for s in streams])
+            logits = mixing(self.mixture, self.ngram, logits, [s.song for s in streams]).clamp_min_(1e-30).log_()
         logits = logits.float() + self.ban  # a new tensor: the rules below may change it in place
         for j, s in enumerate(streams):
             if s.topic is not None:
@@ -519,11 +519,14 @@ class Sampler:
         ids = torch.empty(len(streams), dtype=torch.long, device=logits.device)
         for members in groups.values():
             settings = streams[members[0]].request.settings
-            idx = torch.tensor(members, dtype=torch.long, device=logits.device)
             uniform = None
             if not is_greedy(settings):
                 uniform = torch.cat([torch.rand(1, 1, generator=streams[j].generator, device=logits.device)
                                      for j in members])
+            if len(members) == len(streams):  # one group (the usual case): no rows to pick out
+                ids = choose(logits, settings, uniform=uniform)
+                break
+            idx = torch.tensor(members, dtype=torch.long, device=logits.device)
             ids.index_copy_(0, idx, choose(logits.index_select(0, idx), settings, uniform=uniform))
         tokens = ids.tolist()
         for j, s in enumerate(streams):
