@@ -25,7 +25,7 @@ import torch
 CACHE_ORDER = 8  # the longest context the cache matches in the song so far
 PRIOR = 20.0  # pseudo-positions pulling a rarely seen bucket's weights towards the overall fit
 COPY_BUDGET = 3  # while sampling, a passage of the song can be sung again this many times
-STUTTER = 4  # while sampling, a unit of up to this many tokens sung twice within a line is not offered again
+STUTTER = 8  # while sampling, a unit of up to this many tokens sung twice within a line is not offered again
 
 
 class SongCache:
@@ -149,10 +149,14 @@ class SongCache:
         looping = {h[t - d] for d in [starts[-1] - start for start in starts[first:-1]]
                    if h[t - 1] == h[t - 1 - d] and h[t - d] == h[t - 2 * d] and d >= t - last
                    and h[t - 2 * d : t - d] == h[t - d :]}
-        for d in range(1, min(STUTTER, (t - starts[-1]) // 2) + 1):  # both copies within the line
-            if h[t - 1] == h[t - 1 - d] and h[t - 2 * d : t - d] == h[t - d :]:
-                looping.add(h[t - d])
-        return looping
+        return looping.union(token for _, token in self.stutters())
+
+    def stutters(self) -> list[tuple[int, int]]:
+        """(d, token) for each unit of d <= STUTTER tokens that the current line ends with twice in a
+        row (慢慢, 不想不想): `token` would begin its third copy."""
+        h, t, start = self.history, len(self.history), self.lines[-1]
+        return [(d, h[t - d]) for d in range(1, min(STUTTER, (t - start) // 2) + 1)  # both copies in the line
+                if h[t - 1] == h[t - 1 - d] and h[t - 2 * d : t - d] == h[t - d :]]
 
     def counts(self, places: list[int]) -> dict[int, int]:
         """How often each token followed, at these positions."""
@@ -297,6 +301,22 @@ class SongState:
             del h[:-16]
         self.pushed += 1
         self.cache.push(token)
+
+    def stutters(self, ngram) -> list[tuple[int, float]]:
+        """(token, cap) for each token that would sing a third copy, in a row within the line, of a
+        unit of up to STUTTER tokens: sampling with song memory gives it at most `cap`, what the
+        training text's n-gram gives it here (0 without an n-gram). The network and the cache, not
+        the training text, write 乱乱乱乱 and 我不想我不想我不想; 啦啦啦, which the training songs
+        sing, keeps the n-gram's share."""
+        found = self.cache.stutters() if self.memory else []
+        if not found:
+            return []
+        if ngram is None:
+            return [(token, 0.0) for _, token in found]
+        known = self.known
+        context = known[2] if known is not None and known[0] is ngram and known[1] == self.pushed \
+            else ngram.context(self.history)
+        return [(token, ngram.prob(context, token)) for _, token in found]
 
     def fork(self) -> "SongState":
         """A copy for another stream of the same prompt (see SongCache.fork)."""

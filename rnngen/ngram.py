@@ -252,6 +252,17 @@ class KneserNey:
         """unigram_distribution in float32 (what sampling mixes in)."""
         return self.unigram_distribution.astype(np.float32)
 
+    def prob(self, context: list[int], token: int) -> float:
+        """p(token) at `context` (context()): score()'s number for one token, without the whole row."""
+        V, p = self.vocab_size, 1.0 / self.vocab_size
+        for c, level in zip(context, self.levels):
+            if c < 0:  # unseen, and so is every longer context
+                break
+            lo, hi, key = int(level.first[c]), int(level.first[c + 1]), c * V + token
+            i = bisect_left(level.keys, key, lo, hi)
+            p = (float(level.prob[i]) if i < hi and level.keys[i] == key else 0.0) + float(level.backoff[c]) * p
+        return p
+
     def add_distribution(self, row: np.ndarray, context: list[int], weight: float) -> None:
         """row (V,) float64 += weight * the next token's distribution at `context` (context()): each
         order above the unigram adds its few entries, scaled by the back-offs above it, and the

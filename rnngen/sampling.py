@@ -4,7 +4,8 @@ runs a fixed batch of streams (the server's engine runs a changing one with the 
     request (SampleRequest, checked once by make_request)
       -> Sampler.open: a Stream per sample (random generator, line rules, copy guard, song state, writer)
       -> Sampler.prefill: the prompt [end of song, *seed] read by the network, in bounded chunks
-      -> per token: Sampler.pick(streams, logits): mix (n-gram, song memory) -> ban unknown -> line
+      -> per token: Sampler.pick(streams, logits): mix (n-gram, song memory; a third copy of a
+         unit sung twice in the line no likelier than the n-gram makes it) -> ban unknown -> line
          rules -> choose (temperature, top-k, top-p; each stream its own draw) -> copy guard's
          back-off -> every stream's state learns the token; then Sampler.step: the network, batched.
 
@@ -18,6 +19,7 @@ apart, which can change an occasional draw.
 from __future__ import annotations
 
 import copy
+import math
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -502,6 +504,10 @@ class Sampler:
         if self.mixture is not None:  # exact: the batched mix, whose rows never depend on each other
             mixing = mix if self.exact or len(streams) > 2 else mix_rows
             logits = mixing(self.mixture, self.ngram, logits, [s.song for s in streams]).clamp_min_(1e-30).log_()
+            for j, s in enumerate(streams):  # song memory's stutter rule (not under line or keyword rules)
+                if s.constraint is None and s.keywords is None:
+                    for token, cap in s.song.stutters(self.ngram):
+                        logits[j, token] = min(float(logits[j, token]), math.log(cap) if cap > 0 else float("-inf"))
         logits = logits.float() + self.ban  # a new tensor: the rules below may change it in place
         for j, s in enumerate(streams):
             if s.topic is not None:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rnngen.constraints import LyricsConstraint, Structure
-from rnngen.memory import COPY_BUDGET, STUTTER, SongCache, SongState, mix, mix_rows
+from rnngen.memory import CACHE_ORDER, COPY_BUDGET, STUTTER, Mixture, SongCache, SongState, mix, mix_rows
 from rnngen.modeldir import load_model
 from rnngen.tokenizer import CharTokenizer
 
@@ -84,7 +84,7 @@ def test_a_short_unit_sung_twice_in_a_line_is_not_offered_a_third_time():
     only (evaluation scores without it)."""
     rng = random.Random(2)
     start = line(rng)
-    for unit in ([5], [5, 6], [5, 6, 7, 8]):
+    for unit in ([5], [5, 6], list(range(5, 5 + STUTTER))):
         assert unit[0] not in offered(sampling_cache([*start, *unit, *unit]))
         if len(unit) > 1:
             assert unit[-1] in offered(sampling_cache([*start, *unit, *unit[:-1]]))  # the second copy goes on
@@ -92,8 +92,8 @@ def test_a_short_unit_sung_twice_in_a_line_is_not_offered_a_third_time():
     for t in [*start, 5, 5]:
         plain.push(t)
     assert plain.counts(plain.match()[1]) == {5: 1}
-    five = [5, 6, 7, 8, 9]  # longer than STUTTER: a phrase sung twice in a line may come a third time
-    assert STUTTER < len(five) and 5 in offered(sampling_cache([*line(rng), *five, *five, *line(rng), *five, *five]))
+    long = list(range(5, 6 + STUTTER))  # longer than STUTTER: a phrase sung twice in a line may come a third time
+    assert 5 in offered(sampling_cache([*line(rng), *long, *long, *line(rng), *long, *long]))
 
 
 @settings(max_examples=60, deadline=None)
@@ -157,6 +157,33 @@ def test_the_batched_and_row_mixers_agree_and_give_a_third_copy_no_cache_share(t
     assert np.isclose(batch[0, chorus[0]].item(), w[0] * p_net + w[1] * p_ngram[chorus[0]], rtol=1e-4)
     fork = songs[0].fork()
     assert fork.cache.match() == songs[0].cache.match()
+
+
+def test_a_third_copy_in_a_line_is_no_likelier_than_the_ngram_makes_it(trained_dir):
+    """The network and the cache, not the training songs, write 乱乱乱乱: with song memory, a token that
+    would sing a unit a third time in a row within the line gets at most the n-gram's probability
+    (greedy here, so the token picked is the likeliest after that cap); without song memory, or with
+    the unit sung only twice, the network's wish stands."""
+    from rnngen.sampling import Sampler, make_request
+
+    model = load_model(trained_dir)
+    orders = len(model.mixture.base)  # weights that trust the network, as a well-trained model's do
+    model.mixture = Mixture(np.tile([0.9, 0.1, 0.0], (orders, CACHE_ORDER + 1, 1)), np.tile([0.9, 0.1], (orders, 1)))
+    sampler, tok = Sampler(model), model.tokenizer
+    x, y = tok.encode("月")[0], tok.encode("光")[0]
+    logits = torch.full((1, tok.vocab_size), -30.0)
+    logits[0, x], logits[0, y] = math.log(0.7), math.log(0.3)  # the network: 月 0.7, 光 0.3
+    picked = {}
+    for seed, memory in (("我月月", True), ("我月月", False), ("我月光月", True)):
+        stream = sampler.open(make_request(seed, temperature=0, song_memory=memory))
+        q = mix_rows(model.mixture, model.ngram, logits, [stream.song])[0].double()
+        cap = model.ngram.prob(stream.song.known[2], x)
+        picked[seed, memory] = sampler.pick([stream], logits.clone())[0]
+        if seed == "我月月" and memory:
+            assert q[x] > q.max() - 1e-12 and cap < q[y]  # the cap binds: 月 is likeliest without it
+            q[x] = min(q[x].item(), cap)
+            assert picked[seed, memory] == int(q.argmax()) != x
+    assert picked["我月月", False] == x and picked["我月光月", True] == x
 
 
 def test_a_barred_line_break_is_owed_until_the_next_rhyme():
