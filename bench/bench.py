@@ -3,6 +3,7 @@
     python bench/bench.py [--corpus TEXT] [--ref PATH/TO/ref_lstm.py] [--repeats 3] [--steps 6] [--device cuda]
     python bench/bench.py --only song-memory --threads 1 --repeats 7   # the song memory ratios alone, a minute
     python bench/bench.py --only start-up                              # cold start and load times alone
+    python bench/bench.py --only serve-network --threads 1            # the server's network step, 1/8/32 streams
 
 Measures, on this machine and in this run: the fp32 and bf16 matmul peak; rnngen's training
 throughput (chars/s and model-FLOPs utilisation) for the default model and for the 2x512
@@ -31,7 +32,7 @@ from rnngen.config import ModelConfig, TrainConfig
 from rnngen.device import cpu_has_fast_bf16
 from rnngen.model import RNNLM
 from rnngen.config import SamplingSettings
-from rnngen.sampling import SampleRequest, Sampler
+from rnngen.sampling import SampleRequest, Sampler, state_rows
 from rnngen.tokenizer import CharTokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -200,6 +201,26 @@ def start_up_rows(row) -> None:
     row("rnngen.load('songci') after torch is imported (median of 5)", f"{load_s:.2f} s")
 
 
+def serve_network_rows(repeats: int, row) -> None:
+    """The server's network step alone (float32, at least two rows: Sampler(exact=True)) with the
+    bundled model, for the batches bench_serve.py's 1, 8 and 32 clients make. With t1 one client's
+    time per character in bench_serve.py, n clients get at most n * t1 / (step(n) + t1 - step(1))
+    times one client, even if the mixer and HTTP cost nothing for each stream added."""
+    sampler = Sampler(load_model(bundled_dir()), exact=True)
+    sampler.prepare(2)
+    _, one = sampler.prefill([sampler.tok.eos_id])
+    times = {}
+    with torch.inference_mode():
+        for rows in (1, 8, 32):
+            state = one if rows == 1 else state_rows(one, torch.zeros(rows, dtype=torch.long))
+            tokens = [sampler.tok.eos_id] * rows
+            times[rows] = median_time(lambda: sampler.step(tokens, state), max(repeats, 50), warmup=10)
+            row(f"server network step, {rows} stream(s) ({max(rows, 2)} rows, float32)", f"{times[rows] * 1e3:.2f} ms")
+    for rows in (8, 32):
+        row(f"server network step, {rows} streams / 1 stream", f"{times[rows] / times[1]:.2f}x the time "
+            f"({torch.get_num_threads()} threads)")
+
+
 def ref_run(ref: Path, corpus: str, mode: str, extra: list[str]) -> dict:
     out = subprocess.run([sys.executable, str(ref), "--data", corpus, "--mode", mode, *extra],
                          capture_output=True, text=True, check=True).stdout
@@ -215,8 +236,9 @@ def main() -> None:
     p.add_argument("--sample-length", type=int, default=500)
     p.add_argument("--device", default="cpu", help="cpu or cuda (model FLOPs utilisation is then of the GPU's peak)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--only", choices=["song-memory", "start-up"],
-                   help="run one part: song-memory (its speeds and ratios) or start-up (cold sample and load times)")
+    p.add_argument("--only", choices=["song-memory", "start-up", "serve-network"],
+                   help="run one part: song-memory (its speeds and ratios), start-up (cold sample and load "
+                        "times) or serve-network (the server's network step for 1, 8 and 32 streams)")
     a = p.parse_args()
     dev = torch.device(a.device)
     if a.threads:
@@ -227,6 +249,9 @@ def main() -> None:
         return
     if a.only == "start-up":
         start_up_rows(row)
+        return
+    if a.only == "serve-network":
+        serve_network_rows(a.repeats, row)
         return
 
     if not Path(a.corpus).is_file():
