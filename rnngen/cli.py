@@ -342,7 +342,7 @@ def sample(
     topic: float = typer.Option(TOPIC_WEIGHT, "--topic", help=f"With --keywords: how strongly the text leans towards the keywords' company in the training text (0: the keywords are placed, nothing else changes; at most {MAX_TOPIC:g})."),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Above 1 makes characters already in the sample less likely (1: off)."),
     max_copy: Optional[int] = typer.Option(None, "--max-copy", help="Never write a run of more than K characters found verbatim in the training text: a token that would make one is struck out and another drawn."),
-    no_song_memory: bool = typer.Option(False, "--no-song-memory", help="Do not let a song draw on its own earlier text (by default a chorus can come back, as in real songs)."),
+    no_song_memory: bool = typer.Option(False, "--no-song-memory", help="Do not let a song draw on its own earlier text (by default a chorus can come back, as in real songs, while a passage is not looped and a unit sung twice in a line is seldom sung a third time)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per sample (text, settings, seeds, and how much of it is copied from the training text: longest_copy, copied_8gram_share) instead of plain text."),
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Ask for seeds on the terminal, one per line, and answer each with lyrics; the model stays loaded. Each answer draws fresh randomness (with --random-seed S, answer k uses S + k). Ctrl-C stops a sample, Ctrl-D quits."),
     precision: PrecisionOption = Precision.auto,

@@ -140,7 +140,8 @@ class SongCache:
         from the last line break to an earlier one, so only those are tried. Within the line, a unit
         of up to STUTTER tokens sung twice (慢慢, 不想不想) is not offered a third time either: the
         cache, which saw the unit follow itself, would otherwise sing 慢慢慢慢慢慢. Only the cache's
-        offer is withheld: the network may still sing it (啦啦啦)."""
+        offer is withheld here: the network may still sing it (for a unit within the line, at most
+        as likely as the n-gram makes it: SongState.stutters)."""
         h, t, starts = self.history, len(self.history), self.lines
         last = starts[-1] - 1  # the song's last line break (-1: none yet)
         # the earlier line breaks at most t/2 tokens before it: d = starts[-1] - start of the line after
