@@ -8,7 +8,8 @@ Uses the `rnngen` of this checkout (RNNGEN_HOME as set). Prints, for CORPUS, HEL
 share of songs in which a block of 2+ lines is sung 3+ times in a row and the mean largest such run
 (../shared/bench/block_repeats.py's max_run); the share of 8-character windows already seen earlier
 in the same song (quality.py's repeat8, pooled over songs); how a chorus comes back: the share of
-songs whose most sung pair of consecutive lines is sung 2-3 times, and that count's mean. Then, for
+songs whose most sung pair of consecutive lines is sung 2-3 times, and that count's mean; the share
+of songs with a line that sings a unit of 1-8 characters three times in a row (stutter). Then, for
 `--rhyme AABB` and `--rhyme ABAB` with `--lines L` and no --line-length: the share of line pairs the
 scheme makes rhyme whose last counted characters share a 中华新韵 group, and the median counted
 characters per line against CORPUS's median. Songs are blank-line separated; generated texts are
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import runpy
 import statistics
 import subprocess
@@ -56,16 +58,22 @@ def returns(lines: list[str]) -> int:
     return max(pairs.values(), default=1)
 
 
+def stutters(lines: list[str], longest: int = 8) -> bool:
+    """Whether a line sings a unit of 1..longest characters three times in a row (慢慢慢, 不想不想不想)."""
+    return any(re.search(r"(.{%d})\1\1" % d, line) for line in lines for d in range(1, longest + 1))
+
+
 def song_figures(text: str) -> dict:
     """Block repeats (as block_repeats.py counts them), repeat8, and how often a chorus comes back
-    (the most sung pair of lines: sung 2-3 times, and its mean count) of blank-line separated songs."""
+    (the most sung pair of lines: sung 2-3 times, and its mean count), and the share of songs with a
+    stutter (stutters()) of blank-line separated songs."""
     songs = split_songs(text)
     lines = [[line.strip() for line in s.split("\n") if line.strip()] for s in songs]
     runs, back = [MAX_RUN(x) for x in lines], [returns(x) for x in lines]
     n = max(len(songs), 1)
     return {"songs": len(songs), "block3": sum(r >= 3 for r in runs) / n, "mean_run": sum(runs) / n,
             "repeat8": repetition(songs)["repeat8"], "pair_2_3": sum(2 <= r <= 3 for r in back) / n,
-            "pair_mean": sum(back) / n}
+            "pair_mean": sum(back) / n, "stutter": sum(stutters(x) for x in lines) / n}
 
 
 def counted(line: str) -> str:
@@ -134,10 +142,11 @@ def main() -> None:
     gen = [rows[f"seed {s}"] for s in a.seeds if f"seed {s}" in rows]
     if gen:
         rows["generated, all seeds"] = {k: statistics.mean(g[k] for g in gen) for k in gen[0]}
-    print(f"{'songs':<22}{'n':>6}{'block 3+':>10}{'mean run':>10}{'repeat8':>9}{'pair x2-3':>11}{'pair mean':>11}")
+    print(f"{'songs':<22}{'n':>6}{'block 3+':>10}{'mean run':>10}{'repeat8':>9}{'pair x2-3':>11}{'pair mean':>11}"
+          f"{'stutter':>9}")
     for name, f in rows.items():
         print(f"{name:<22}{f['songs']:>6.0f}{f['block3']:>10.1%}{f['mean_run']:>10.2f}{f['repeat8']:>9.3f}"
-              f"{f['pair_2_3']:>11.1%}{f['pair_mean']:>11.2f}")
+              f"{f['pair_2_3']:>11.1%}{f['pair_mean']:>11.2f}{f['stutter']:>9.1%}")
     if gen:
         g, c, h = rows["generated, all seeds"], rows["corpus"], rows["held-out"]
         print(f"block 3+ / corpus {g['block3'] / c['block3']:.2f}x (<= 1.5x); "
