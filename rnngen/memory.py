@@ -54,6 +54,7 @@ class SongCache:
         self.offered: list[int] = []  # the positions the last match() offered
         self.matched = (-1, 0)  # (song length, its longest context seen before) at the last match()
         self.lines = [0]  # where each line starts (with a newline_id)
+        self._stutters: tuple[int, list[int]] = (0, [])  # (song length, stutters() then)
 
     def push(self, token: int) -> None:
         if token == self.eos_id:  # a new song starts with an empty memory
@@ -150,14 +151,18 @@ class SongCache:
         looping = {h[t - d] for d in [starts[-1] - start for start in starts[first:-1]]
                    if h[t - 1] == h[t - 1 - d] and h[t - d] == h[t - 2 * d] and d >= t - last
                    and h[t - 2 * d : t - d] == h[t - d :]}
-        return looping.union(token for _, token in self.stutters())
+        return looping.union(self.stutters())
 
-    def stutters(self) -> list[tuple[int, int]]:
-        """(d, token) for each unit of d <= STUTTER tokens that the current line ends with twice in a
-        row (慢慢, 不想不想): `token` would begin its third copy."""
+    def stutters(self) -> list[int]:
+        """For each unit of up to STUTTER tokens that the current line ends with twice in a row
+        (慢慢, 不想不想), the token that would begin its third copy. Kept for the song's length (the
+        cache's match and the mixture's cap both ask, each token)."""
         h, t, start = self.history, len(self.history), self.lines[-1]
-        return [(d, h[t - d]) for d in range(1, min(STUTTER, (t - start) // 2) + 1)  # both copies in the line
-                if h[t - 1] == h[t - 1 - d] and h[t - 2 * d : t - d] == h[t - d :]]
+        if self._stutters[0] != t:
+            units = range(1, min(STUTTER, (t - start) // 2) + 1)  # both copies within the line
+            self._stutters = (t, [h[t - d] for d in units
+                                  if h[t - 1] == h[t - 1 - d] and h[t - 2 * d : t - d] == h[t - d :]])
+        return self._stutters[1]
 
     def counts(self, places: list[int]) -> dict[int, int]:
         """How often each token followed, at these positions."""
@@ -310,14 +315,10 @@ class SongState:
         the training text, write 乱乱乱乱 and 我不想我不想我不想; 啦啦啦, which the training songs
         sing, keeps the n-gram's share."""
         found = self.cache.stutters() if self.memory else []
-        if not found:
-            return []
-        if ngram is None:
-            return [(token, 0.0) for _, token in found]
-        known = self.known
-        context = known[2] if known is not None and known[0] is ngram and known[1] == self.pushed \
-            else ngram.context(self.history)
-        return [(token, ngram.prob(context, token)) for _, token in found]
+        if not found or ngram is None:
+            return [(token, 0.0) for token in found]
+        context = contexts(ngram, [self])[0]  # this step's, as mix() found them
+        return [(token, ngram.prob(context, token)) for token in found]
 
     def fork(self) -> "SongState":
         """A copy for another stream of the same prompt (see SongCache.fork)."""

@@ -253,15 +253,10 @@ class KneserNey:
         return self.unigram_distribution.astype(np.float32)
 
     def prob(self, context: list[int], token: int) -> float:
-        """p(token) at `context` (context()): score()'s number for one token, without the whole row."""
-        V, p = self.vocab_size, 1.0 / self.vocab_size
-        for c, level in zip(context, self.levels):
-            if c < 0:  # unseen, and so is every longer context
-                break
-            lo, hi, key = int(level.first[c]), int(level.first[c + 1]), c * V + token
-            i = bisect_left(level.keys, key, lo, hi)
-            p = (float(level.prob[i]) if i < hi and level.keys[i] == key else 0.0) + float(level.backoff[c]) * p
-        return p
+        """p(token) at `context` (context()), from add_distribution's row."""
+        row = np.zeros(self.vocab_size)
+        self.add_distribution(row, context, 1.0)
+        return float(row[token])
 
     def add_distribution(self, row: np.ndarray, context: list[int], weight: float) -> None:
         """row (V,) float64 += weight * the next token's distribution at `context` (context()): each
